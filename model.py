@@ -1,0 +1,279 @@
+"""The transformer: a Llama / Mistral / Qwen2 decoder read straight from a Hugging Face checkpoint.
+
+Attention does not own its keys and values. Each layer is handed a cache object (full, stream or
+infllm: see infllm.py) that stores what it needs, places the rotary positions and computes the
+attention. The model never knows which kind of cache it has: tokens -> model -> cache -> logits.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    """A problem with the checkpoint folder; the message is one sentence for the user."""
+
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...} as in config.json
+    max_seq_len: int = 4096  # the context the model was trained on
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        kind = cfg.get("model_type")
+        if kind not in SUPPORTED:
+            raise CheckpointError(f"model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        # transformers >= 5 writes rope_parameters; older configs have rope_theta and rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or {})
+        base = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = rope or cfg.get("rope_scaling") or None
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+            if scaling["rope_type"] == "default":
+                scaling = None
+            elif scaling["rope_type"] not in ("llama3", "linear"):
+                raise CheckpointError(f"rope scaling {scaling['rope_type']!r} is not supported (supported: llama3, linear)")
+        try:
+            n_heads = cfg["num_attention_heads"]
+            return cls(
+                vocab_size=cfg["vocab_size"],
+                dim=cfg["hidden_size"],
+                n_layers=cfg["num_hidden_layers"],
+                n_heads=n_heads,
+                n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+                ffn_dim=cfg["intermediate_size"],
+                norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                rope_base=float(base),
+                rope_scaling=scaling,
+                max_seq_len=cfg.get("max_position_embeddings", 4096),
+                # Qwen2 always has q/k/v biases; Llama-family configs say so with attention_bias.
+                qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"config.json lacks the field {e.args[0]!r}") from None
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """The rotary inverse frequencies, with Llama-3's long-context rescaling where the config asks."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    if s["rope_type"] == "linear":
+        return (inv_freq / s["factor"]).float()
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return scaled.float()
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding, applied by the caches: InfLLM places keys and queries at positions
+    of its own choosing (window-relative, or one fixed distance for memory), so the model cannot."""
+
+    def __init__(self, args: ModelArgs, device=None):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_frequencies(args).to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rotate x [..., T, head_dim] to positions pos [T] (Hugging Face's half-split layout)."""
+        freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 as the reference does: bf16 sums of squares lose too much.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        hd = args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=False)
+
+    def forward(self, x, cache):
+        B, T, _ = x.shape
+        a = self.args
+        q = self.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        y = cache.attend(q, k, v)  # q, k unrotated: the cache decides their positions
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Module names follow the Hugging Face checkpoint ("model." prefix dropped), so loading is a lookup."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope = Rotary(args)
+
+    def forward(self, tokens: torch.Tensor, caches: list, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only, which a long
+        prefill wants: the full logits of an 8K chunk would take gigabytes)."""
+        x = self.embed_tokens(tokens)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
+
+
+# ----------------------------------------------------------------------------- loading
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def read_config(ckpt: Path) -> ModelArgs:
+    path = Path(ckpt) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: a checkpoint folder needs config.json")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    return ModelArgs.from_hf_config(cfg)
+
+
+def safetensors_files(ckpt: Path) -> list[Path]:
+    ckpt = Path(ckpt)
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [ckpt / n for n in names]
+    else:
+        files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {ckpt} (pickled .bin checkpoints are not read)")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f} is listed in the index but missing")
+    return files
+
+
+def load_model(ckpt, device="cpu", dtype=torch.bfloat16) -> Transformer:
+    """Build the model on the meta device and fill it tensor by tensor from memory-mapped safetensors:
+    no randomly initialised copy, no second full copy of the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint folder {ckpt} does not exist")
+    args = read_config(ckpt)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {n: p.shape for n, p in model.named_parameters()}
+    state = {}
+    for f in safetensors_files(ckpt):
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for key in st.keys():
+                    name = key.removeprefix("model.")
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue  # some old checkpoints store it; we compute it from the config
+                    if name not in expected:
+                        raise CheckpointError(f"{f.name} holds an unexpected tensor {key!r}")
+                    t = st.get_tensor(key)
+                    if t.shape != expected[name]:
+                        raise CheckpointError(
+                            f"tensor {key!r} in {f.name} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
+                    state[name] = t.to(device=device, dtype=dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
+    if args.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
+    missing = [n for n in expected if state.get(n) is None]
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks the tensor {missing[0]!r}" +
+                              (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    model.load_state_dict(state, assign=True)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope = Rotary(args, device=device)
+    return model.eval()
+
+
+def random_model(args: ModelArgs, device="cpu", dtype=torch.float32, seed: int = 0) -> Transformer:
+    """Random weights made on the device (benchmarks and tests): speed does not depend on the values."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(args)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            nn.init.normal_(p, 1.0, 0.1)
+        else:
+            nn.init.normal_(p, 0.0, 0.02)
+    model = model.to(dtype)
+    model.rope = Rotary(args, device=device)  # .to(dtype) must not round the frequencies
+    return model.eval()
