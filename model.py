@@ -103,7 +103,8 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., T, head_dim] to positions pos [T] (Hugging Face's half-split layout)."""
-        freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 angles as the reference; fp64 stays fp64
+        freqs = pos.to(acc)[:, None] * self.inv_freq.to(acc)[None, :]
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
         x1, x2 = x.chunk(2, dim=-1)

@@ -1,0 +1,91 @@
+"""Attention arithmetic for the caches of infllm.py.
+
+The plain path below is the specification: short PyTorch that runs on any device and in float64,
+which every faster path is tested against. Shapes are per sequence (batch 1): queries [Hq, T, D],
+keys and values [Hkv, L, D] with Hq a multiple of Hkv (grouped-query attention: query head h reads
+key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[Hkv, ...] -> [Hq, ...]: each key head serves the query heads of its group."""
+    return x.repeat_interleave(n_heads // x.shape[0], dim=0)
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Softmax arithmetic runs in at least fp32; a float64 oracle stays float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _logits(q, k, mask):
+    acc = _acc(q)
+    s = (q.to(acc) @ expand_kv(k, q.shape[0]).to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return s.masked_fill(~mask, float("-inf"))
+
+
+def part_attention(q, k, v, mask):
+    """Attention of q over one set of keys: the output normalised within the part, its log-sum-exp
+    [H, T] (-inf for a query that sees no key of the part) and the raw logits."""
+    s = _logits(q, k, mask)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows that see nothing: 0, not NaN
+    return p @ expand_kv(v, q.shape[0]).to(p.dtype), lse, s
+
+
+def merge_parts(o1, lse1, o2, lse2):
+    """Two softmaxes over disjoint key sets -> the softmax over their union (log-sum-exp weights)."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse).nan_to_num(0.0)[..., None]
+    w2 = torch.exp(lse2 - lse).nan_to_num(0.0)[..., None]
+    return o1 * w1 + o2 * w2, lse
+
+
+def chunk_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
+    """InfLLM's attention for one chunk of queries: the local part (window keys at window positions)
+    and the memory part (init tokens, selected units, far remainder at one fixed distance), normalised
+    together. Returns the output [Hq, T, D] in the input dtype and the local part's column sums [Hq, L]:
+    the attention probability each window key received from this chunk's queries, which feeds the
+    tokens' local scores (representative keys are chosen by them)."""
+    o_l, lse_l, s_l = part_attention(q_local, k_local, v_local, mask_local)
+    o_m, lse_m, _ = part_attention(q_mem, k_mem, v_mem, mask_mem)
+    out, lse = merge_parts(o_l, lse_l, o_m, lse_m)
+    col_sums = torch.exp(s_l - lse[..., None]).nan_to_num(0.0).sum(dim=1)
+    return out.to(q_local.dtype), col_sums.float()
+
+
+def causal_attention(q, k, v):
+    """Full attention of the last T positions over all L keys (batched [B, H, T, D]): the baseline."""
+    T, L = q.shape[-2], k.shape[-2]
+    mask = None
+    if T > 1:
+        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(diagonal=L - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def representative_keys(k_blocks, scores, repr_topk: int):
+    """One key per query head for each new memory unit: the mean of the (unrotated) keys of the
+    repr_topk tokens with the highest local score for that head. k_blocks [n, Hkv, B, D], scores
+    [n, Hq, B] -> [n, Hq * D] (heads concatenated, the layout the lookup dots with)."""
+    n, Hq, B = scores.shape
+    k = expand_kv(k_blocks.transpose(0, 1), Hq).transpose(0, 1)  # [n, Hq, B, D]
+    top = scores.topk(repr_topk, dim=-1).indices  # [n, Hq, r]
+    picked = torch.gather(k, 2, top[..., None].expand(-1, -1, -1, k.shape[-1]))
+    return picked.to(_acc(picked)).mean(dim=2).to(k_blocks.dtype).reshape(n, -1)
+
+
+def score_units(q_mem, reprs):
+    """Relevance of every unit to a chunk: the chunk's memory-position queries [Hq, T, D] averaged over
+    tokens, concatenated over heads, dotted with each representative [n, Hq * D] -> [n]."""
+    acc = _acc(q_mem)
+    return reprs.to(acc) @ q_mem.to(acc).mean(dim=1).reshape(-1)
+
+
+def select_units(scores, topk: int):
+    """Indices of the topk best units (all of them when there are no more than topk), ascending."""
+    if scores.shape[0] <= topk:
+        return torch.arange(scores.shape[0], device=scores.device)
+    return scores.topk(topk).indices.sort().values

@@ -1,0 +1,257 @@
+"""InfLLM context memory against independent oracles: full attention where nothing is evicted, and a
+dense float64 re-implementation of ../shared/INFLLM.md that builds the explicit mask and positions
+over every token so far (no windows, no buffers, no pools)."""
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infllm import ContextMemory, InfLLMConfig, MemoryUnits, make_caches, memory_stats
+from model import ModelArgs, random_model
+
+SMALL = InfLLMConfig(n_init=4, n_local=32, block_size=8, repr_topk=4, topk=2, max_cached_block=3,
+                     exc_block_size=8, chunk_size=24)
+ARGS = ModelArgs(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
+                 rope_base=10000.0, max_seq_len=64)
+
+
+def rotate(x, pos, inv_freq):
+    """Rotary embedding written out: pairs (i, i + d/2) turn by pos * inv_freq[i]."""
+    ang = pos.double()[:, None] * inv_freq.double()[None, :]
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], dim=-1)
+
+
+class DenseInfLLM:
+    """One layer of InfLLM in float64: each chunk's attention is one softmax over every token so far,
+    with a per-(query, key) choice of part written from the rules of INFLLM.md."""
+
+    def __init__(self, cfg, inv_freq, stream=False):
+        self.cfg, self.inv_freq, self.stream = cfg, inv_freq, stream
+        self.K = self.V = self.score = None
+        self.state = []  # per token: "recent", "init", "gone" or a unit number
+        self.reprs = []
+        self.selections = []
+
+    def attend(self, q, k, v):
+        e = self.cfg.exc_block_size
+        return torch.cat([self.chunk(q[0, :, s:s + e], k[0, :, s:s + e], v[0, :, s:s + e])
+                          for s in range(0, q.shape[2], e)], dim=1)[None]
+
+    def chunk(self, q, k, v):
+        c = self.cfg
+        Hq, T, D = q.shape
+        G = Hq // k.shape[0]
+        p0 = 0 if self.K is None else self.K.shape[1]
+        self.K = k if self.K is None else torch.cat([self.K, k], 1)
+        self.V = v if self.V is None else torch.cat([self.V, v], 1)
+        self.score = torch.zeros(Hq, T, dtype=torch.float64) if self.score is None else \
+            torch.cat([self.score, torch.zeros(Hq, T, dtype=torch.float64)], 1)
+        self.state += ["recent"] * T
+        N = p0 + T
+        qpos, kpos = torch.arange(p0, N), torch.arange(N)
+
+        q_mem = rotate(q, torch.full((T,), c.n_local - 1), self.inv_freq)  # memory: one fixed angle
+        selected = []
+        if not self.stream and self.reprs:
+            if len(self.reprs) <= c.topk:
+                selected = list(range(len(self.reprs)))
+            else:
+                rel = torch.stack(self.reprs) @ q_mem.mean(dim=1).reshape(-1)
+                selected = sorted(rel.topk(c.topk).indices.tolist())
+            self.selections.append(selected)
+
+        dist = qpos[:, None] - kpos[None, :]
+        local = (dist >= 0) & (dist < c.n_local)
+        is_init = torch.tensor([s == "init" for s in self.state])
+        is_sel = torch.tensor([s in selected if isinstance(s, int) else False for s in self.state])
+        is_recent = torch.tensor([s == "recent" for s in self.state])
+        if self.stream:
+            memory = is_init[None, :].expand(T, N)
+        else:
+            memory = is_init[None, :] | is_sel[None, :] | (is_recent[None, :] & (dist >= c.n_local))
+        assert not (local & memory).any(), "a key must be in one part only"
+
+        out = torch.zeros(Hq, T, D, dtype=torch.float64)
+        for h in range(Hq):
+            kh, vh = self.K[h // G], self.V[h // G]
+            s_local = rotate(q[h], qpos, self.inv_freq) @ rotate(kh, kpos, self.inv_freq).T
+            s_mem = q_mem[h] @ kh.T  # memory keys unrotated
+            s = torch.where(local, s_local, torch.where(memory, s_mem, -math.inf)) / math.sqrt(D)
+            p = torch.softmax(s, dim=-1)
+            out[h] = p @ vh
+            self.score[h] += (p * local).sum(dim=0)
+        self.retire(G)
+        return out
+
+    def retire(self, G):
+        c = self.cfg
+        recent = [i for i, s in enumerate(self.state) if s == "recent"]
+        extra = len(recent) - c.n_local
+        if extra <= 0:
+            return
+        take = min(c.n_init - self.state.count("init"), extra)
+        for i in recent[:take]:
+            self.state[i] = "init"
+        recent, extra = recent[take:], extra - take
+        for b in range(extra // c.block_size):
+            idx = torch.tensor(recent[b * c.block_size:(b + 1) * c.block_size])
+            if self.stream:
+                for i in idx.tolist():
+                    self.state[i] = "gone"
+                continue
+            parts = []
+            for h in range(self.score.shape[0]):
+                top = idx[self.score[h, idx].topk(c.repr_topk).indices]
+                parts.append(self.K[h // G, top].mean(dim=0))
+            for i in idx.tolist():
+                self.state[i] = len(self.reprs)
+            self.reprs.append(torch.cat(parts))
+
+
+def run(model, caches, tokens, chunk, decode):
+    """Prefill `tokens` in chunks of `chunk`, then feed `decode` more tokens one at a time."""
+    outs = []
+    with torch.no_grad():
+        for s in range(0, tokens.shape[1], chunk):
+            outs.append(model(tokens[:, s:s + chunk], caches))
+        for t in range(decode.shape[1]):
+            outs.append(model(decode[:, t:t + 1], caches))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return random_model(ARGS, dtype=torch.float64, seed=1)
+
+
+def tokens(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, ARGS.vocab_size, (1, n), generator=g)
+
+
+@pytest.mark.parametrize("attention", ["infllm", "stream"])
+def test_without_eviction_equals_full_attention(model64, attention):
+    prompt, dec = tokens(26, 0), tokens(6, 1)  # 32 tokens = n_local: nothing leaves the window
+    full = run(model64, make_caches(model64, "full"), prompt, 24, dec)
+    ours = run(model64, make_caches(model64, attention, SMALL), prompt, 24, dec)
+    assert (ours - full).abs().max() < 1e-10
+
+
+def test_default_knobs_equal_full_attention_below_the_window(model64):
+    prompt = tokens(600, 2)
+    full = run(model64, make_caches(model64, "full"), prompt, 256, tokens(3, 3))
+    ours = run(model64, make_caches(model64, "infllm"), prompt, 256, tokens(3, 3))
+    assert (ours - full).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("attention", ["infllm", "stream"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_dense_oracle_with_evictions(model64, attention, seed):
+    prompt, dec = tokens(150, 10 + seed), tokens(24, 20 + seed)
+    caches = make_caches(model64, attention, SMALL)
+    for c in caches:
+        c.trace = []
+    oracles = [DenseInfLLM(SMALL, model64.rope.inv_freq, stream=attention == "stream") for _ in caches]
+    ours = run(model64, caches, prompt, SMALL.chunk_size, dec)
+    ref = run(model64, oracles, prompt, SMALL.chunk_size, dec)
+    far = (ours[0, -1] - run(model64, make_caches(model64, "full"), prompt, 150, dec)[0, -1]).abs().max()
+    assert far > 1e-3, "the prompt must be long enough for the memory to matter"
+    assert (ours - ref).abs().max() < 1e-9
+    if attention == "infllm":
+        for c, o in zip(caches, oracles):
+            assert c.trace == o.selections
+            assert c.units.count == len(o.reprs)
+            assert torch.allclose(c.units.reprs[:c.units.count], torch.stack(o.reprs), atol=1e-12)
+        assert any(len(s) == SMALL.topk and len(o.reprs) > SMALL.topk for o in oracles for s in o.selections)
+        stats = memory_stats(caches)
+        assert stats["misses"] > 0 and stats["hits"] > 0
+
+
+def test_representative_keys_follow_local_scores():
+    """A block whose scores single out known tokens: the representative is the mean of their keys."""
+    from kernels import representative_keys
+    Hkv, Hq, B, D, r = 2, 4, 8, 3, 2
+    k = torch.randn(1, Hkv, B, D, dtype=torch.float64)
+    score = torch.rand(1, Hq, B, dtype=torch.float64)
+    best = [(1, 5), (0, 7), (2, 3), (6, 4)]
+    for h, (a, b) in enumerate(best):
+        score[0, h, a] = score[0, h, b] = 10.0 + h
+    rep = representative_keys(k, score, r).reshape(Hq, D)
+    for h, (a, b) in enumerate(best):
+        kv = h // (Hq // Hkv)
+        assert torch.allclose(rep[h], (k[0, kv, a] + k[0, kv, b]) / 2)
+
+
+class LRUModel:
+    """The eviction rule in plain Python: evict the least recently used unselected unit, ties to the
+    lower unit number, only when the cache is full."""
+
+    def __init__(self, slots):
+        self.slots, self.last, self.clock, self.hits, self.misses = slots, {}, 0, 0, 0
+
+    def fetch(self, units):
+        self.clock += 1
+        missing = [u for u in units if u not in self.last]
+        self.hits += len(units) - len(missing)
+        self.misses += len(missing)
+        evictable = sorted((t, u) for u, t in self.last.items() if u not in units)
+        for _, u in evictable[: max(0, len(self.last) + len(missing) - self.slots)]:
+            del self.last[u]
+        for u in units:
+            self.last[u] = self.clock
+
+    def order(self):
+        return [u for _, u in sorted((t, u) for u, t in self.last.items())]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sets(st.integers(0, 9), min_size=1, max_size=3), min_size=1, max_size=30))
+def test_lru_eviction_matches_plain_model(selections):
+    cfg = InfLLMConfig(block_size=2, topk=3, max_cached_block=4, n_local=4, exc_block_size=2, repr_topk=1)
+    units = MemoryUnits(cfg, n_heads=2, n_kv_heads=1, head_dim=2, device="cpu", dtype=torch.float64)
+    data = torch.arange(10 * 4, dtype=torch.float64).reshape(10, 1, 2, 2)
+    units.add(data, -data, torch.zeros(10, 4, dtype=torch.float64))
+    ref = LRUModel(4)
+    for sel in selections:
+        sel = sorted(sel)
+        slots = units.fetch(torch.tensor(sel))
+        ref.fetch(sel)
+        assert torch.equal(units.pool_k[slots], data[sel]) and torch.equal(units.pool_v[slots], -data[sel])
+        assert units.cached_units() == ref.order()
+    assert (units.hits, units.misses) == (ref.hits, ref.misses)
+
+
+def test_lru_evicts_the_least_recently_used():
+    cfg = InfLLMConfig(block_size=1, topk=2, max_cached_block=3, n_local=2, exc_block_size=1, repr_topk=1)
+    units = MemoryUnits(cfg, n_heads=1, n_kv_heads=1, head_dim=1, device="cpu", dtype=torch.float32)
+    units.add(torch.arange(6.0).reshape(6, 1, 1, 1), torch.zeros(6, 1, 1, 1), torch.zeros(6, 1))
+    for sel in ([0, 1], [2], [0], [3, 4]):  # 1 then 2 are the least recently used when 3, 4 arrive
+        units.fetch(torch.tensor(sel))
+    assert units.cached_units() == [0, 3, 4]
+    units.fetch(torch.tensor([4, 5]))  # 0 is older than 3
+    assert units.cached_units() == [3, 4, 5]
+    assert (units.hits, units.misses) == (2, 6)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("exc_block_size=64,n_local=32", "exc_block_size"),
+    ("topk=40", "max_cached_block"),
+    ("block_size=0", "block_size"),
+    ("n_local=-5", "n_local"),
+    ("topk=two", "integer"),
+    ("frobnicate=3", "unknown"),
+])
+def test_impossible_settings_are_refused(text, words):
+    with pytest.raises(ValueError) as e:
+        InfLLMConfig.parse(text)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_batch_larger_than_one_is_refused(model64):
+    with pytest.raises(ValueError, match="batch size 2"):
+        model64(torch.zeros(2, 5, dtype=torch.long), make_caches(model64, "infllm", SMALL))
+    assert isinstance(make_caches(model64, "infllm")[0], ContextMemory)
