@@ -190,6 +190,13 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
 
+    def compile_blocks(self):
+        """torch.compile the dense per-token work of every layer (norms, MLP); the attention and its
+        cache keep their own data-dependent control flow outside the compiled graphs."""
+        for layer in self.layers:
+            for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                m.compile(dynamic=True)
+
 
 # ----------------------------------------------------------------------------- loading
 

@@ -1,0 +1,225 @@
+"""Read a long prompt with InfLLM's context memory (or a baseline) and answer it.
+
+    python generate.py --ckpt DIR --prompt-file long.txt [--chat] [--attention infllm|stream|full]
+
+Text streams to stdout; figures (prompt tokens, prefill and decode speed, peak memory) go to stderr,
+or everything as one JSON object with --json.
+"""
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from infllm import InfLLMConfig, make_caches, memory_stats
+from model import DTYPES, CheckpointError, load_model
+from tokenizer import TokenizerError, chat_prompt, load_tokenizer
+
+
+class UsageError(ValueError):
+    """Bad input from the command line; the message is one sentence."""
+
+
+def load(ckpt, device="cpu", dtype=torch.float32):
+    """Model and tokenizer from a Hugging Face style checkpoint folder."""
+    return load_model(ckpt, device=device, dtype=dtype), load_tokenizer(ckpt)
+
+
+@torch.no_grad()
+def prefill(model, caches, ids: list[int], chunk_size: int, progress=None):
+    """Feed the prompt chunk_size tokens at a time through all layers, all but its last token; the last
+    one goes alone, as a decoding step does, so that it makes a memory lookup with its own query (the
+    authors' generation loop does the same). Returns the logits after the last token [vocab]."""
+    dev = model.embed_tokens.weight.device
+    tokens = torch.tensor(ids, device=dev)[None]
+    for s in range(0, len(ids) - 1, chunk_size):
+        e = min(s + chunk_size, len(ids) - 1)
+        model(tokens[:, s:e], caches, last_only=True)
+        if progress is not None:
+            progress.update(e - s)
+    logits = model(tokens[:, -1:], caches)[0, -1]
+    if progress is not None:
+        progress.update(1)
+    return logits
+
+
+def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator=None) -> int:
+    """Greedy at temperature 0; else sampling from the top_k (or all) tokens."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).cpu()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def decode(model, caches, logits, max_new_tokens, stop_ids=(), temperature=0.0, top_k=None, seed=None,
+           on_token=None) -> list[int]:
+    """Generate up to max_new_tokens from the logits that follow the prompt, one token at a time."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    dev = model.embed_tokens.weight.device
+    out = []
+    for _ in range(max_new_tokens):
+        tok = sample(logits, temperature, top_k, gen)
+        if tok in stop_ids:
+            break
+        out.append(tok)
+        if on_token is not None:
+            on_token(out)
+        if len(out) == max_new_tokens:
+            break
+        logits = model(torch.tensor([[tok]], device=dev), caches)[0, -1]
+    return out
+
+
+def generate(model, tokenizer, prompt_ids, attention="infllm", cfg=None, max_new_tokens=64, **kw):
+    """Prefill and decode with fresh caches; returns the new token ids (convenience for scripts)."""
+    cfg = cfg or InfLLMConfig()
+    caches = make_caches(model, attention, cfg)
+    logits = prefill(model, caches, prompt_ids, cfg.chunk_size)
+    return decode(model, caches, logits, max_new_tokens, stop_ids=set(tokenizer.eos_ids), **kw)
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        text = args.prompt
+    else:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"prompt file {path} does not exist")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"prompt file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    if not text.strip():
+        raise UsageError("the prompt is empty")
+    return text
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but this machine has no CUDA GPU (use --device cpu)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UsageError(f"unknown device {name!r} (use cpu or cuda)")
+    return torch.device(name)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="Hugging Face style checkpoint folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="file holding the prompt (UTF-8)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--attention", choices=["infllm", "stream", "full"], default="infllm")
+    p.add_argument("--infllm", default="", metavar="KEY=VALUE,...",
+                   help="InfLLM settings, e.g. n_local=4096,topk=16 (defaults: the authors' Mistral config)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def run(args) -> dict:
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cfg = InfLLMConfig.parse(args.infllm)
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    text = read_prompt(args)
+    if not Path(args.ckpt).is_dir():
+        raise UsageError(f"checkpoint folder {args.ckpt} does not exist")
+    model, tok = load(args.ckpt, device, dtype)
+    if args.compile:
+        model.compile_blocks()
+    if args.chat:
+        text = chat_prompt(args.ckpt, tok, text)
+    ids = tok.encode(text, bos=True)
+    if args.attention == "full" and len(ids) > model.args.max_seq_len:
+        print(f"warning: the prompt has {len(ids)} tokens, more than the {model.args.max_seq_len} this model was "
+              "trained on; full attention will likely fail past that (try --attention infllm)", file=sys.stderr)
+
+    progress = None
+    if not args.no_progress and not args.json:
+        from tqdm import tqdm
+        progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
+    caches = make_caches(model, args.attention, cfg)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    logits = prefill(model, caches, ids, cfg.chunk_size, progress)
+    sync()
+    t1 = time.perf_counter()
+    if progress is not None:
+        progress.close()
+
+    shown = [""]
+
+    def stream(out_ids):  # print what the new tokens add to the decoded text
+        text_now = tok.decode(out_ids)
+        if not args.json and not text_now.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            sys.stdout.write(text_now[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text_now
+
+    new = decode(model, caches, logits, args.max_new_tokens, set(tok.eos_ids), args.temperature,
+                 args.top_k, args.seed, on_token=stream)
+    sync()
+    t2 = time.perf_counter()
+    answer = tok.decode(new)
+    if not args.json:
+        sys.stdout.write(answer[len(shown[0]):] + "\n")
+        sys.stdout.flush()
+    stats = memory_stats(caches)
+    return {
+        "text": answer,
+        "prompt_tokens": len(ids),
+        "new_tokens": len(new),
+        "prefill_s": round(t1 - t0, 4),
+        "prefill_tok_s": round(len(ids) / (t1 - t0), 2),
+        # The first new token comes from the prefill's logits; each later one costs a decoding step.
+        "decode_tok_s": round((len(new) - 1) / (t2 - t1), 2) if len(new) > 1 else None,
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None,
+        "peak_rss_gib": round(peak_rss_gib(), 3),
+        "unit_cache_hit_rate": stats["hit_rate"],
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (UsageError, CheckpointError, TokenizerError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        r = result
+        print(f"[{r['prompt_tokens']} prompt tokens, prefill {r['prefill_s']:.2f} s ({r['prefill_tok_s']:.0f} tok/s), "
+              f"{r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
+              + (f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else "")
+              + (f", unit cache hit rate {r['unit_cache_hit_rate']:.1%}" if r["unit_cache_hit_rate"] is not None else "")
+              + "]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""generate.py end to end: the real SmolLM2 checkpoint against transformers, and the CLI's errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "checkpoints" / "smollm2-135m-instruct"
+needs_ckpt = pytest.mark.skipif(not (CKPT / "model.safetensors").exists(),
+                                reason="run `python scripts/prepare_test_model.py` first")
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+@needs_ckpt
+def test_greedy_full_attention_equals_transformers():
+    transformers = pytest.importorskip("transformers")
+    from tokenizer import chat_prompt, load_tokenizer
+
+    question = "Name three colours of the rainbow and say which one is between the other two."
+    r = cli("--ckpt", CKPT, "--prompt", question, "--chat", "--attention", "full", "--max-new-tokens", 20,
+            "--json", "--device", "cpu", "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    ours = json.loads(r.stdout)
+
+    tok = load_tokenizer(CKPT)
+    ids = tok.encode(chat_prompt(CKPT, tok, question), bos=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(CKPT, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_ids,
+                          pad_token_id=tok.eos_ids[0])
+    ref = [t for t in out[0, len(ids):].tolist() if t not in tok.eos_ids]
+    assert ours["prompt_tokens"] == len(ids)
+    assert ours["text"] == tok.decode(ref)
+    assert ours["new_tokens"] == len(ref) and len(ref) > 5
+    for key in ("prefill_s", "prefill_tok_s", "peak_rss_gib"):
+        assert ours[key] > 0
+    assert ours["peak_gpu_gib"] is None
+
+
+@needs_ckpt
+def test_streamed_text_and_reproducible_sampling():
+    args = ["--ckpt", CKPT, "--prompt", "Write a short poem about the sea.", "--chat", "--max-new-tokens", 12,
+            "--temperature", 0.9, "--top-k", 40, "--device", "cpu", "--no-progress"]
+    a, b = cli(*args, "--seed", 3), cli(*args, "--seed", 3)
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
+    assert "prompt tokens" in a.stderr and "tok/s" in a.stderr
+
+
+@needs_ckpt
+def test_long_prompt_with_full_attention_warns(tmp_path):
+    # The same weights, told they were trained on 64 tokens: a 100-token prompt is then "too long".
+    ckpt = tmp_path / "short"
+    ckpt.mkdir()
+    for f in CKPT.iterdir():
+        (ckpt / f.name).symlink_to(f)
+    cfg = json.loads((CKPT / "config.json").read_text())
+    (ckpt / "config.json").unlink()
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 64}))
+    r = cli("--ckpt", ckpt, "--prompt", "The grass is green. " * 20, "--attention", "full", "--max-new-tokens", 1,
+            "--json")
+    assert r.returncode == 0, r.stderr
+    assert "trained on" in r.stderr and "--attention infllm" in r.stderr
+    assert json.loads(r.stdout)["prompt_tokens"] > 64
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing-prompt-file", "does not exist"),
+    ("empty-prompt", "empty"),
+    ("not-utf8", "not UTF-8"),
+    ("missing-ckpt", "does not exist"),
+    ("cuda", "no CUDA"),
+    ("bad-knob", "exc_block_size"),
+    ("no-config", "config.json"),
+])
+def test_bad_input_is_one_sentence(tmp_path, case, words):
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    empty_ckpt = tmp_path / "ckpt"
+    empty_ckpt.mkdir()
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    ckpt = CKPT if CKPT.exists() else empty_ckpt
+    args = {
+        "missing-prompt-file": ["--ckpt", ckpt, "--prompt-file", tmp_path / "nope.txt"],
+        "empty-prompt": ["--ckpt", ckpt, "--prompt-file", tmp_path / "empty.txt"],
+        "not-utf8": ["--ckpt", ckpt, "--prompt-file", tmp_path / "latin1.txt"],
+        "missing-ckpt": ["--ckpt", tmp_path / "nowhere", "--prompt", "hi"],
+        "cuda": ["--ckpt", ckpt, "--prompt", "hi", "--device", "cuda"],
+        "bad-knob": ["--ckpt", ckpt, "--prompt", "hi", "--infllm", "exc_block_size=8192"],
+        "no-config": ["--ckpt", empty_ckpt, "--prompt", "hi"],
+    }[case]
+    r = cli(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
+    assert r.stdout == ""
