@@ -176,8 +176,10 @@ class ContextMemory:
 
     use_units = True
 
-    def __init__(self, rope, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device=None, dtype=None):
+    def __init__(self, rope, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device=None, dtype=None,
+                 kernel="blocked"):
         self.rope, self.cfg = rope, cfg.check()
+        self.chunk_attention = kernels.CHUNK_ATTENTION[kernel]  # "plain" is the specification
         self.n_heads = n_heads
         empty = torch.empty(n_kv_heads, 0, head_dim, device=device, dtype=dtype)
         self.init_k = self.init_v = empty  # the first n_init tokens to leave the window, kept forever
@@ -218,8 +220,8 @@ class ContextMemory:
         q_mem = self.rope(q, torch.full((T,), n_local - 1, device=dev))
         k_mem, v_mem, mask_mem = self._memory(q_mem, before)
 
-        out, col_sums = kernels.chunk_attention(q_local, k_local, self.recent_v[:, -L:], mask_local,
-                                                q_mem, k_mem, v_mem, mask_mem)
+        out, col_sums = self.chunk_attention(q_local, k_local, self.recent_v[:, -L:], mask_local,
+                                             q_mem, k_mem, v_mem, mask_mem)
         self.recent_score[:, -L:] += col_sums
         self.length += T
         self._retire()
@@ -289,8 +291,9 @@ class StreamCache(ContextMemory):
         self._drop(n * self.cfg.block_size)
 
 
-def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None):
-    """One cache per layer, on the model's device and dtype."""
+def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None, kernel: str = "blocked"):
+    """One cache per layer, on the model's device and dtype. kernel picks the chunk attention of
+    kernels.py: "plain" (the specification) or a faster path with the same results."""
     a = model.args
     p = model.embed_tokens.weight
     if attention == "full":
@@ -299,7 +302,8 @@ def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None)
     if kind is None:
         raise ValueError(f"unknown attention {attention!r} (choose full, stream or infllm)")
     cfg = cfg or InfLLMConfig()
-    return [kind(model.rope, cfg, a.n_heads, a.n_kv_heads, a.head_dim, p.device, p.dtype) for _ in range(a.n_layers)]
+    return [kind(model.rope, cfg, a.n_heads, a.n_kv_heads, a.head_dim, p.device, p.dtype, kernel)
+            for _ in range(a.n_layers)]
 
 
 def memory_stats(caches) -> dict:

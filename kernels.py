@@ -89,3 +89,40 @@ def select_units(scores, topk: int):
     if scores.shape[0] <= topk:
         return torch.arange(scores.shape[0], device=scores.device)
     return scores.topk(topk).indices.sort().values
+
+
+def chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem, block=128):
+    """chunk_attention computed the way a CPU (or an eager GPU) likes it: queries in blocks so the
+    probabilities stay a few MB, query heads of a group batched against their shared key head (no
+    copies of K/V per query head), one softmax over both parts done in place. Same results."""
+    Hq, T, D = q_local.shape
+    Hkv, L = k_local.shape[:2]
+    G, acc = Hq // Hkv, _acc(q_local)
+    scale = 1.0 / math.sqrt(D)
+    kl, km = k_local.to(acc).transpose(1, 2), k_mem.to(acc).transpose(1, 2)  # [Hkv, D, keys]
+    vl, vm = v_local.to(acc), v_mem.to(acc)
+    neg = torch.tensor(float("-inf"), dtype=acc, device=q_local.device)
+    bias_l = torch.where(mask_local, 0.0, neg).to(acc)
+    bias_m = torch.where(mask_mem, 0.0, neg).to(acc)
+    out = torch.empty(Hkv, G, T, D, dtype=acc, device=q_local.device)
+    col = torch.zeros(Hkv, G, 1, L, dtype=acc, device=q_local.device)
+    for s in range(0, T, block):
+        e = min(s + block, T)
+        t = e - s
+        ql = (q_local[:, s:e].to(acc) * scale).reshape(Hkv, G * t, D)
+        qm = (q_mem[:, s:e].to(acc) * scale).reshape(Hkv, G * t, D)
+        sl = (ql @ kl).view(Hkv, G, t, L).add_(bias_l[s:e])
+        sm = (qm @ km).view(Hkv, G, t, -1).add_(bias_m[s:e])
+        m = sl.amax(-1, keepdim=True)  # finite: a query always sees itself
+        if sm.shape[-1]:
+            m = torch.maximum(m, sm.amax(-1, keepdim=True))
+        sl.sub_(m).exp_()
+        sm.sub_(m).exp_()
+        inv_z = 1.0 / (sl.sum(-1, keepdim=True) + sm.sum(-1, keepdim=True))
+        o = sl.view(Hkv, G * t, L) @ vl + sm.view(Hkv, G * t, -1) @ vm
+        out[:, :, s:e] = o.view(Hkv, G, t, D) * inv_z
+        col += inv_z.transpose(-1, -2) @ sl  # [Hkv, G, 1, t] @ [Hkv, G, t, L]: probabilities summed over queries
+    return out.reshape(Hq, T, D).to(q_local.dtype), col.reshape(Hq, L).float()
+
+
+CHUNK_ATTENTION = {"plain": chunk_attention, "blocked": chunk_attention_blocked}

@@ -149,10 +149,10 @@ def test_default_knobs_equal_full_attention_below_the_window(model64):
 
 
 @pytest.mark.parametrize("attention", ["infllm", "stream"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_matches_dense_oracle_with_evictions(model64, attention, seed):
+@pytest.mark.parametrize("seed, kernel", [(0, "plain"), (1, "blocked"), (2, "blocked")])
+def test_matches_dense_oracle_with_evictions(model64, attention, seed, kernel):
     prompt, dec = tokens(150, 10 + seed), tokens(24, 20 + seed)
-    caches = make_caches(model64, attention, SMALL)
+    caches = make_caches(model64, attention, SMALL, kernel=kernel)
     for c in caches:
         c.trace = []
     oracles = [DenseInfLLM(SMALL, model64.rope.inv_freq, stream=attention == "stream") for _ in caches]

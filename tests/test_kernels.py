@@ -1,0 +1,95 @@
+"""The attention kernels against full attention and against each other, on random shapes (hypothesis)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+
+
+def dense_softmax_attention(q, k, v, mask):
+    """Textbook attention per query head, float64: softmax(q k^T / sqrt(d) + mask) v."""
+    G = q.shape[0] // k.shape[0]
+    out = torch.empty_like(q)
+    for h in range(q.shape[0]):
+        s = q[h] @ k[h // G].T / math.sqrt(q.shape[-1])
+        out[h] = torch.softmax(s.masked_fill(~mask, -math.inf), -1) @ v[h // G]
+    return out
+
+
+shapes = st.fixed_dictionaries({
+    "n_kv": st.integers(1, 3), "group": st.sampled_from([1, 2, 4]), "T": st.integers(1, 40),
+    "L": st.integers(0, 50), "M": st.integers(0, 30), "D": st.sampled_from([2, 8, 16]),
+    "seed": st.integers(0, 2**16), "block": st.integers(1, 17),
+})
+
+
+def random_case(p, dtype=torch.float64):
+    g = torch.Generator().manual_seed(p["seed"])
+    Hq, Hkv, T, D = p["n_kv"] * p["group"], p["n_kv"], p["T"], p["D"]
+    L = p["L"] + T  # the window holds the chunk itself
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    ml = torch.rand(T, L, generator=g) > 0.4
+    ml[torch.arange(T), L - T + torch.arange(T)] = True  # every query sees itself
+    mm = torch.rand(T, p["M"], generator=g) > 0.5
+    return (r(Hq, T, D), r(Hkv, L, D), r(Hkv, L, D), ml, r(Hq, T, D), r(Hkv, p["M"], D), r(Hkv, p["M"], D), mm)
+
+
+@settings(max_examples=80, deadline=None)
+@given(shapes)
+def test_two_parts_equal_one_softmax_over_their_union(p):
+    """With the same queries for both parts, the merged attention is full attention over the union
+    of keys; the column sums are that softmax's probabilities summed over queries."""
+    ql, kl, vl, ml, _, km, vm, mm = random_case(p)
+    out, col = kernels.chunk_attention(ql, kl, vl, ml, ql, km, vm, mm)
+    k, v, mask = torch.cat([kl, km], 1), torch.cat([vl, vm], 1), torch.cat([ml, mm], 1)
+    assert torch.allclose(out, dense_softmax_attention(ql, k, v, mask), atol=1e-12)
+    G = ql.shape[0] // kl.shape[0]
+    for h in range(ql.shape[0]):
+        s = (ql[h] @ k[h // G].T / math.sqrt(ql.shape[-1])).masked_fill(~mask, -math.inf)
+        probs = torch.softmax(s, -1)[:, : kl.shape[1]]
+        assert torch.allclose(col[h].double(), probs.sum(0), atol=1e-6)
+
+
+@settings(max_examples=80, deadline=None)
+@given(shapes)
+def test_blocked_kernel_equals_plain(p):
+    args = random_case(p)
+    a_out, a_col = kernels.chunk_attention(*args)
+    b_out, b_col = kernels.chunk_attention_blocked(*args, block=p["block"])
+    assert torch.allclose(a_out, b_out, atol=1e-12) and torch.allclose(a_col, b_col, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_blocked_kernel_low_precision(dtype, tol):
+    p = dict(n_kv=2, group=4, T=64, L=200, M=70, D=64, seed=3, block=32)
+    args64 = random_case(p)
+    args = [a.to(dtype) if a.is_floating_point() else a for a in args64]
+    ref, ref_col = kernels.chunk_attention(*args64)
+    out, col = kernels.chunk_attention_blocked(*args, block=p["block"])
+    assert out.dtype == dtype
+    assert (out.double() - ref).abs().max() < tol and (col.double() - ref_col).abs().max() < tol * 10
+
+
+def test_causal_attention_matches_dense():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 5, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g)
+    mask = torch.ones(5, 9, dtype=torch.bool).tril(4)
+    ref = dense_softmax_attention(q[0].double(), k[0].double(), v[0].double(), mask)
+    assert torch.allclose(kernels.causal_attention(q, k, v)[0].double(), ref, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 8), st.integers(0, 2**16))
+def test_select_units_picks_the_best(n, topk, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, reprs = torch.randn(4, 3, 8, generator=g), torch.randn(n, 32, generator=g)
+    scores = kernels.score_units(q, reprs)
+    assert torch.allclose(scores, reprs @ q.mean(1).reshape(-1), atol=1e-5)
+    chosen = kernels.select_units(scores, topk).tolist()
+    assert chosen == sorted(chosen) and len(chosen) == min(n, topk)
+    others = [i for i in range(n) if i not in chosen]
+    if others:
+        assert min(scores[chosen]) >= max(scores[others])
