@@ -35,6 +35,9 @@ def prefill(model, caches, ids: list[int], chunk_size: int, progress=None):
     authors' generation loop does the same). Returns the logits after the last token [vocab]."""
     dev = model.embed_tokens.weight.device
     tokens = torch.tensor(ids, device=dev)[None]
+    for c in caches:
+        if hasattr(c, "reserve"):
+            c.reserve(len(ids))
     for s in range(0, len(ids) - 1, chunk_size):
         e = min(s + chunk_size, len(ids) - 1)
         model(tokens[:, s:e], caches, last_only=True)

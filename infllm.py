@@ -95,7 +95,10 @@ class FullCache:
 class MemoryUnits:
     """The memory units of one layer: each unit's K/V block in host storage (pinned when there is a GPU),
     its representative key on the device, and a pool of max_cached_block device slots kept by LRU.
-    A unit is an index into this storage, never a Python object."""
+    A unit is an index into this storage, never a Python object. The bookkeeping is tensor arithmetic
+    on the device: a lookup never waits for the host."""
+
+    AGE = 1 << 24  # slot age key = last use * AGE + unit: ties between units used together go to the lower
 
     def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype):
         self.cfg, self.device, self.dtype = cfg, torch.device(device or "cpu"), dtype
@@ -103,13 +106,15 @@ class MemoryUnits:
         self.count = 0
         self.host_k = self.host_v = self._host(0)
         self.reprs = torch.empty(0, n_heads * head_dim, device=device, dtype=dtype)
-        self.unit_slot = torch.empty(0, dtype=torch.long, device=device)  # unit -> slot, -1: not cached
+        self.unit_slot = torch.full((1,), -1, dtype=torch.long, device=device)  # unit -> slot; last entry: scratch
         S = cfg.max_cached_block
-        self.pool_k = torch.zeros(S, *self.block, device=device, dtype=dtype)
+        self.pool_k = torch.zeros(S + 1, *self.block, device=device, dtype=dtype)  # slot S: scratch
         self.pool_v = torch.zeros_like(self.pool_k)
         self.slot_unit = torch.full((S,), -1, dtype=torch.long, device=device)
         self.slot_used = torch.full((S,), -1, dtype=torch.long, device=device)  # clock of last use; -1: free
-        self.clock = self.lookups = self.hits = self.misses = 0
+        self.clock = self.lookups = 0
+        self.hits = torch.zeros((), dtype=torch.long, device=device)
+        self.misses = torch.zeros((), dtype=torch.long, device=device)
 
     def _host(self, n):
         return torch.empty(n, *self.block, dtype=self.dtype, pin_memory=self.device.type == "cuda")
@@ -118,18 +123,26 @@ class MemoryUnits:
         """Store new units [n, Hkv, B, D] with their representative keys [n, Hq * D]."""
         n = k_blocks.shape[0]
         if self.count + n > self.host_k.shape[0]:
-            cap = max(self.count + n, 2 * self.host_k.shape[0], 16)
+            self.reserve(max(self.count + n, 2 * self.host_k.shape[0], 16))
+        sl = slice(self.count, self.count + n)
+        self.host_k[sl].copy_(k_blocks, non_blocking=True)  # device -> pinned host, asynchronous
+        self.host_v[sl].copy_(v_blocks, non_blocking=True)
+        self.reprs[sl] = reprs
+        self.count += n
+
+    def reserve(self, cap):
+        """Room for cap units. Growing pinned storage is slow (allocation and a copy), so a prefill
+        reserves what the prompt needs once."""
+        if cap > self.host_k.shape[0]:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # pending copies into the old storage
             for name in ("host_k", "host_v"):
                 new = self._host(cap)
                 new[:self.count] = getattr(self, name)[:self.count]
                 setattr(self, name, new)
             self.reprs = torch.cat([self.reprs, self.reprs.new_empty(cap - self.reprs.shape[0], self.reprs.shape[1])])
-            self.unit_slot = torch.cat([self.unit_slot, self.unit_slot.new_full((cap - self.unit_slot.shape[0],), -1)])
-        sl = slice(self.count, self.count + n)
-        self.host_k[sl].copy_(k_blocks, non_blocking=True)
-        self.host_v[sl].copy_(v_blocks, non_blocking=True)
-        self.reprs[sl] = reprs
-        self.count += n
+            old = self.unit_slot.shape[0] - 1  # entries past count are -1 already
+            self.unit_slot = torch.cat([self.unit_slot[:-1], self.unit_slot.new_full((cap + 1 - old,), -1)])
 
     def lookup(self, q_mem):
         """The units this chunk attends to: topk by representative score (every unit while there are
@@ -144,29 +157,37 @@ class MemoryUnits:
         self.clock += 1
         self.lookups += 1
         slots = self.unit_slot[units]
-        missing = units[slots < 0]
-        n_miss = missing.numel()
-        self.hits += units.numel() - n_miss
-        self.misses += n_miss
-        if n_miss:
-            # Eviction order: free slots, then by last use, ties to the lower unit; selected units stay.
-            age = self.slot_used * (self.count + 1) + self.slot_unit
-            age[slots[slots >= 0]] = self.clock * (self.count + 1)
-            victims = age.argsort()[:n_miss]
-            old = self.slot_unit[victims]
-            self.unit_slot[old[old >= 0]] = -1
-            host_idx = missing.cpu()
-            self.pool_k[victims] = self.host_k[host_idx].to(self.device, non_blocking=True)
-            self.pool_v[victims] = self.host_v[host_idx].to(self.device, non_blocking=True)
-            self.slot_unit[victims] = missing
-            self.unit_slot[missing] = victims
-            slots = self.unit_slot[units]
-        self.slot_used[slots] = self.clock
-        return slots
+        hit = slots >= 0
+        self.hits += hit.sum()
+        self.misses += (~hit).sum()
+        # Eviction order over slots: free ones first, then by age; slots of selected units never.
+        age = self.slot_used * self.AGE + self.slot_unit
+        protect = torch.where(hit, torch.iinfo(torch.long).max, torch.iinfo(torch.long).min)
+        age.scatter_reduce_(0, slots.clamp(min=0), protect, reduce="amax")
+        order = age.argsort()
+        victim = torch.where(hit, slots, order[((~hit).cumsum(0) - 1).clamp(min=0)])
+        old = self.slot_unit[victim]
+        scratch = self.unit_slot.shape[0] - 1
+        self.unit_slot[torch.where(~hit & (old >= 0), old, scratch)] = -1
+        self._load(units, torch.where(hit, -1, victim))
+        self.slot_unit[victim] = units
+        self.unit_slot[units] = victim
+        self.slot_used[victim] = self.clock
+        return victim
+
+    def _load(self, units, dst):
+        """pool[dst[i]] = storage[units[i]] where dst[i] >= 0 (the misses)."""
+        if self.host_k.device == self.pool_k.device:  # CPU: host and pool are both plain buffers
+            d = torch.where(dst >= 0, dst, self.pool_k.shape[0] - 1)  # hits write the scratch slot
+            self.pool_k[d] = self.host_k[units]
+            self.pool_v[d] = self.host_v[units]
+        else:  # GPU: a kernel reads the pinned host rows directly (no host sync, no staging copy)
+            kernels.gather_from_host(self.host_k, units, self.pool_k, dst)
+            kernels.gather_from_host(self.host_v, units, self.pool_v, dst)
 
     def cached_units(self):
         """Units in the pool, least recently used first (for tests and inspection)."""
-        order = (self.slot_used * (self.count + 1) + self.slot_unit).argsort()
+        order = (self.slot_used * self.AGE + self.slot_unit).argsort()
         order = order[self.slot_unit[order] >= 0]
         return self.slot_unit[order].tolist()
 
@@ -190,6 +211,11 @@ class ContextMemory:
         self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype)
         self.length = 0
         self.trace = None  # set to a list to record every chunk's selected units (tests, inspection)
+
+    def reserve(self, n_tokens):
+        """Prepare the unit storage for a sequence of n_tokens."""
+        if self.use_units:
+            self.units.reserve(n_tokens // self.cfg.block_size + 1)
 
     def attend(self, q, k, v):
         if q.shape[0] != 1:
@@ -309,6 +335,6 @@ def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None,
 def memory_stats(caches) -> dict:
     """Lookups, unit-cache hits and misses summed over layers."""
     units = [c.units for c in caches if isinstance(c, ContextMemory) and c.use_units]
-    hits, misses = sum(u.hits for u in units), sum(u.misses for u in units)
+    hits, misses = sum(int(u.hits) for u in units), sum(int(u.misses) for u in units)
     return {"units": sum(u.count for u in units), "lookups": sum(u.lookups for u in units),
             "hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}

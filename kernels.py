@@ -5,6 +5,7 @@ which every faster path is tested against. Shapes are per sequence (batch 1): qu
 keys and values [Hkv, L, D] with Hq a multiple of Hkv (grouped-query attention: query head h reads
 key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
 """
+import functools
 import math
 
 import torch
@@ -99,11 +100,11 @@ def chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem,
     Hkv, L = k_local.shape[:2]
     G, acc = Hq // Hkv, _acc(q_local)
     scale = 1.0 / math.sqrt(D)
+    block = block or T
     kl, km = k_local.to(acc).transpose(1, 2), k_mem.to(acc).transpose(1, 2)  # [Hkv, D, keys]
     vl, vm = v_local.to(acc), v_mem.to(acc)
-    neg = torch.tensor(float("-inf"), dtype=acc, device=q_local.device)
-    bias_l = torch.where(mask_local, 0.0, neg).to(acc)
-    bias_m = torch.where(mask_mem, 0.0, neg).to(acc)
+    bias_l = torch.zeros(mask_local.shape, dtype=acc, device=q_local.device).masked_fill_(~mask_local, float("-inf"))
+    bias_m = torch.zeros(mask_mem.shape, dtype=acc, device=q_local.device).masked_fill_(~mask_mem, float("-inf"))
     out = torch.empty(Hkv, G, T, D, dtype=acc, device=q_local.device)
     col = torch.zeros(Hkv, G, 1, L, dtype=acc, device=q_local.device)
     for s in range(0, T, block):
@@ -125,4 +126,49 @@ def chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem,
     return out.reshape(Hq, T, D).to(q_local.dtype), col.reshape(Hq, L).float()
 
 
-CHUNK_ATTENTION = {"plain": chunk_attention, "blocked": chunk_attention_blocked}
+def gather_from_host(src, rows, dst, dst_rows):
+    """dst[dst_rows[i]] = src[rows[i]] for every i with dst_rows[i] >= 0, where src lives in pinned host
+    memory and the indices on the GPU. A Triton kernel reads the host rows over PCIe itself (pinned
+    memory is mapped into the GPU's address space), so the host never has to learn which units were
+    selected: no synchronisation, and the copy queues behind the lookup like any other kernel."""
+    n = rows.numel()
+    if n == 0:
+        return
+    row = src[0].numel()
+    _gather_kernel()[(n, triton_cdiv(row, 4096))](src.data_ptr(), rows, dst, dst_rows, row, BLOCK=4096)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@functools.cache
+def _gather_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather(src_addr, rows, dst, dst_rows, row_numel, BLOCK: tl.constexpr):
+        i, j = tl.program_id(0), tl.program_id(1)
+        d = tl.load(dst_rows + i)
+        offs = j * BLOCK + tl.arange(0, BLOCK)
+        ok = (offs < row_numel) & (d >= 0)  # hits copy nothing
+        src = src_addr.to(tl.pointer_type(dst.dtype.element_ty))  # a host address, mapped for the GPU
+        x = tl.load(src + tl.load(rows + i) * row_numel + offs, mask=ok)
+        tl.store(dst + d * row_numel + offs, x, mask=ok)
+
+    return gather
+
+
+@functools.cache
+def _compiled_blocked():
+    return torch.compile(chunk_attention_blocked, dynamic=True)
+
+
+def chunk_attention_compiled(*args):
+    """The blocked kernel in one block, compiled: inductor fuses the masking, softmax and column-sum
+    passes over the probabilities into a few kernels (the GPU path)."""
+    return _compiled_blocked()(*args, block=None)
+
+
+CHUNK_ATTENTION = {"plain": chunk_attention, "blocked": chunk_attention_blocked, "compiled": chunk_attention_compiled}

@@ -275,8 +275,13 @@ def load_model(ckpt, device="cpu", dtype=torch.bfloat16) -> Transformer:
 def random_model(args: ModelArgs, device="cpu", dtype=torch.float32, seed: int = 0) -> Transformer:
     """Random weights made on the device (benchmarks and tests): speed does not depend on the values."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = Transformer(args)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in its dtype: a 7B model in fp32 first would need 28 GB more
+    try:
+        with torch.device(device):
+            model = Transformer(args)
+    finally:
+        torch.set_default_dtype(default)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             nn.init.normal_(p, 1.0, 0.1)

@@ -1,0 +1,132 @@
+"""Speed and memory of prefill and decoding on random weights (speed does not depend on the values).
+
+    python scripts/bench.py --shape mistral-7b --lengths 32K,128K --decode 64 [--attention infllm|full|stream]
+                            [--repeats N] [--json] [--device cuda] [--kernel blocked|plain]
+
+Reports per length: prefill tokens/s, decode tokens/s, peak GPU GiB, peak host RSS GiB and the
+unit-cache hit rate, each the median over the repeats (see docs/benchmarks.md for measured figures).
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from generate import decode, peak_rss_gib, pick_device, prefill, UsageError  # noqa: E402
+from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
+from model import DTYPES, ModelArgs, random_model  # noqa: E402
+
+SHAPES = {  # ../shared/BENCHMARKS.md
+    "mistral-7b": ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                            ffn_dim=14336, rope_base=1e6, max_seq_len=32768),
+    "llama-3-8b": ModelArgs(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                            ffn_dim=14336, rope_base=5e5, max_seq_len=8192),
+    "llama-3.2-1b": ModelArgs(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                              ffn_dim=8192, rope_base=5e5, max_seq_len=131072, tie_embeddings=True),
+    "smollm2-135m": ModelArgs(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                              ffn_dim=1536, rope_base=1e5, max_seq_len=8192, tie_embeddings=True),
+    "tiny": ModelArgs(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128),
+}
+
+
+def parse_length(s: str) -> int:
+    s = s.strip().upper()
+    try:
+        return int(float(s[:-1]) * 1024) if s.endswith("K") else int(float(s[:-1]) * 2**20) if s.endswith("M") else int(s)
+    except ValueError:
+        raise UsageError(f"cannot read the length {s!r} (write e.g. 32K, 1M or 5000)") from None
+
+
+def measure(model, attention, cfg, kernel, length, n_decode, device, seed):
+    """One prefill of `length` random tokens and n_decode greedy steps; seconds and memory."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.args.vocab_size, (length,), generator=g).tolist()
+    caches = make_caches(model, attention, cfg, kernel)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    logits = prefill(model, caches, ids, cfg.chunk_size)
+    sync()
+    t1 = time.perf_counter()
+    new = decode(model, caches, logits, n_decode)
+    sync()
+    t2 = time.perf_counter()
+    return {
+        "prefill_tok_s": length / (t1 - t0),
+        "decode_tok_s": (len(new) - 1) / (t2 - t1) if len(new) > 1 else None,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "hit_rate": memory_stats(caches)["hit_rate"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=list(SHAPES), default="smollm2-135m")
+    p.add_argument("--lengths", default="32K")
+    p.add_argument("--decode", type=int, default=64)
+    p.add_argument("--attention", choices=["infllm", "full", "stream"], default="infllm")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--infllm", default="", help="InfLLM settings key=value,...")
+    p.add_argument("--kernel", choices=["blocked", "plain", "compiled"], default="blocked")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also print where one prefill spends its time")
+    args = p.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        lengths = [parse_length(s) for s in args.lengths.split(",")]
+        cfg = InfLLMConfig.parse(args.infllm)
+        if args.decode < 2 or args.repeats < 1:
+            raise UsageError("--decode must be at least 2 and --repeats at least 1")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # exact for bf16 inputs: TF32 holds their mantissas
+    model = random_model(SHAPES[args.shape], device=device, dtype=dtype)
+    rows = []
+    for n in lengths:
+        runs = [measure(model, args.attention, cfg, args.kernel, n, args.decode, device, seed=r) for r in range(args.repeats)]
+        med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
+        row = {"shape": args.shape, "attention": args.attention, "length": n, "repeats": args.repeats,
+               "prefill_tok_s": med("prefill_tok_s"), "decode_tok_s": med("decode_tok_s"),
+               "prefill_tok_s_all": [round(r["prefill_tok_s"], 1) for r in runs],
+               "decode_tok_s_all": [round(r["decode_tok_s"], 2) for r in runs],
+               "peak_gpu_gib": max(r["peak_gpu_gib"] for r in runs) if device.type == "cuda" else None,
+               "peak_rss_gib": peak_rss_gib(), "hit_rate": med("hit_rate"),
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype)}
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            gpu = f"{row['peak_gpu_gib']:.1f} GiB" if row["peak_gpu_gib"] is not None else "-"
+            hit = f"{row['hit_rate']:.1%}" if row["hit_rate"] is not None else "-"
+            print(f"{args.shape} {args.attention} {n:>8} tokens: prefill {row['prefill_tok_s']:9.0f} tok/s, "
+                  f"decode {row['decode_tok_s']:7.2f} tok/s, peak GPU {gpu}, peak RSS {row['peak_rss_gib']:.1f} GiB, "
+                  f"unit-cache hit rate {hit}", flush=True)
+    if args.profile:
+        profile(model, args.attention, cfg, args.kernel, lengths[0], device)
+    return 0
+
+
+def profile(model, attention, cfg, kernel, length, device):
+    """The operators that take the time of one prefill and 8 decoding steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        measure(model, attention, cfg, kernel, length, 8, device, seed=0)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
