@@ -101,3 +101,15 @@ def test_bad_input_is_one_sentence(tmp_path, case, words):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
     assert r.stdout == ""
+
+
+@needs_ckpt
+def test_infllm_answers_the_bundled_long_prompt():
+    """The README's prompt: 10K tokens, past the 8K the model was trained on, the answer 87% of the way
+    back from the question."""
+    r = cli("--ckpt", CKPT, "--prompt-file", ROOT / "prompts" / "logbook.txt", "--attention", "infllm",
+            "--max-new-tokens", 12, "--json", "--device", "cpu", timeout=1800)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt_tokens"] > 10000
+    assert "lighthouse" in out["text"] and "Pelican Island" in out["text"], out["text"]
