@@ -105,11 +105,11 @@ def test_bad_input_is_one_sentence(tmp_path, case, words):
 
 @needs_ckpt
 def test_infllm_answers_the_bundled_long_prompt():
-    """The README's prompt: 10K tokens, past the 8K the model was trained on, the answer 87% of the way
-    back from the question."""
+    """The README's prompt: 12K tokens, past the 8K the model was trained on, with the answer 90% of the
+    way back from the question. (Full attention answers garbage there, StreamingLLM a made-up number.)"""
     r = cli("--ckpt", CKPT, "--prompt-file", ROOT / "prompts" / "logbook.txt", "--attention", "infllm",
-            "--max-new-tokens", 12, "--json", "--device", "cpu", timeout=1800)
+            "--max-new-tokens", 6, "--json", "--device", "cpu", timeout=1800)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["prompt_tokens"] > 10000
-    assert "lighthouse" in out["text"] and "Pelican Island" in out["text"], out["text"]
+    assert out["prompt_tokens"] > 12000
+    assert "31874" in out["text"], out["text"]
