@@ -362,8 +362,7 @@ def plot(args, records, path):
                 if d in cells.get((m, n), {}):
                     f, t = cells[m, n][d]
                     acc[i, j] = f / t
-        cmap = matplotlib.colormaps["RdYlGn"].copy()
-        cmap.set_bad("lightgrey")  # skipped or not run
+        cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")  # grey: skipped or not run
         im = ax.imshow(acc, cmap=cmap, vmin=0, vmax=1, aspect="auto")
         for (i, j), v in np.ndenumerate(acc):
             if not np.isnan(v):
@@ -383,6 +382,8 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         records = read_records(args.out) if args.resume and Path(args.out).is_file() else []
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         out = open(args.out, "a" if args.resume else "w") if args.out else None
 
         def write(rec):
