@@ -135,7 +135,7 @@ def parse_args(argv=None):
                    help="InfLLM settings, e.g. n_local=4096,topk=16 (defaults: the authors' Mistral config)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    p.add_argument("--compile", action="store_true", help="torch.compile the layers and the chunk attention")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -164,7 +164,7 @@ def run(args) -> dict:
     if not args.no_progress and not args.json:
         from tqdm import tqdm
         progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
-    caches = make_caches(model, args.attention, cfg)
+    caches = make_caches(model, args.attention, cfg, kernel="compiled" if args.compile else "blocked")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     logits = prefill(model, caches, ids, cfg.chunk_size, progress)
