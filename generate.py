@@ -81,14 +81,6 @@ def decode(model, caches, logits, max_new_tokens, stop_ids=(), temperature=0.0, 
     return out
 
 
-def generate(model, tokenizer, prompt_ids, attention="infllm", cfg=None, max_new_tokens=64, **kw):
-    """Prefill and decode with fresh caches; returns the new token ids (convenience for scripts)."""
-    cfg = cfg or InfLLMConfig()
-    caches = make_caches(model, attention, cfg)
-    logits = prefill(model, caches, prompt_ids, cfg.chunk_size)
-    return decode(model, caches, logits, max_new_tokens, stop_ids=set(tokenizer.eos_ids), **kw)
-
-
 def read_prompt(args) -> str:
     if args.prompt is not None:
         text = args.prompt

@@ -65,10 +65,10 @@ class InfLLMConfig:
 class FullCache:
     """Every token at its true position: the model as it was trained (and quadratic in length)."""
 
-    def __init__(self, rope, n_kv_heads, head_dim, device=None, dtype=None):
+    def __init__(self, rope, n_kv_heads, head_dim):
         self.rope, self.length = rope, 0
-        self.k = self.v = None
-        self.shape, self.device, self.dtype = (n_kv_heads, head_dim), device, dtype
+        self.k = self.v = None  # [B, Hkv, capacity, D], rotated; allocated like the first keys
+        self.shape = (n_kv_heads, head_dim)
 
     def attend(self, q, k, v):
         B, T = q.shape[0], q.shape[2]
@@ -209,7 +209,6 @@ class ContextMemory:
         self.recent_k = self.recent_v = empty
         self.recent_score = torch.empty(n_heads, 0, device=device)  # local score per query head, fp32
         self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype)
-        self.length = 0
         self.trace = None  # set to a list to record every chunk's selected units (tests, inspection)
 
     def reserve(self, n_tokens):
@@ -249,7 +248,6 @@ class ContextMemory:
         out, col_sums = self.chunk_attention(q_local, k_local, self.recent_v[:, -L:], mask_local,
                                              q_mem, k_mem, v_mem, mask_mem)
         self.recent_score[:, -L:] += col_sums
-        self.length += T
         self._retire()
         return out
 
@@ -323,7 +321,7 @@ def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None,
     a = model.args
     p = model.embed_tokens.weight
     if attention == "full":
-        return [FullCache(model.rope, a.n_kv_heads, a.head_dim, p.device, p.dtype) for _ in range(a.n_layers)]
+        return [FullCache(model.rope, a.n_kv_heads, a.head_dim) for _ in range(a.n_layers)]
     kind = {"infllm": ContextMemory, "stream": StreamCache}.get(attention)
     if kind is None:
         raise ValueError(f"unknown attention {attention!r} (choose full, stream or infllm)")

@@ -135,11 +135,7 @@ def gather_from_host(src, rows, dst, dst_rows):
     if n == 0:
         return
     row = src[0].numel()
-    _gather_kernel()[(n, triton_cdiv(row, 4096))](src.data_ptr(), rows, dst, dst_rows, row, BLOCK=4096)
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
+    _gather_kernel()[(n, -(-row // 4096))](src.data_ptr(), rows, dst, dst_rows, row, BLOCK=4096)
 
 
 @functools.cache
