@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from infllm import InfLLMConfig, make_caches, memory_stats
+from infllm import ContextMemory, InfLLMConfig, make_caches, memory_stats
 from model import DTYPES, CheckpointError, load_model
 from tokenizer import TokenizerError, chat_prompt, load_tokenizer
 
@@ -28,11 +28,65 @@ def load(ckpt, device="cpu", dtype=torch.float32):
     return load_model(ckpt, device=device, dtype=dtype), load_tokenizer(ckpt)
 
 
+class CUDAGraphs:
+    """model(tokens, caches) replayed from CUDA graphs (the --compile path on a GPU). With InfLLM's caches
+    a chunk's kernels depend only on its length and on how many tokens each of its exc_block_size
+    pieces moves to init and to new units (ContextMemory.plan), so a long prompt or a decoding run
+    repeats a few kinds of chunk many times. A kind of chunk runs as usual the first time it comes
+    (torch.compile's warm-up), is captured the second time, and is replayed from then on: one launch
+    for the whole model, no Python per layer, the lookup and the cache update included."""
+
+    def __init__(self, model, caches):
+        if not all(isinstance(c, ContextMemory) for c in caches):
+            raise UsageError("CUDA graphs need the InfLLM or stream caches (full attention grows its cache)")
+        self.model, self.caches = model, caches
+        self.graphs, self.seen, self.version = {}, set(), None
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, tokens, last_only=False):
+        T = tokens.shape[1]
+        for c in self.caches:
+            c.reserve(c.pos + T)
+        version = tuple(c.units.version for c in self.caches if c.use_units)
+        if version != self.version:  # storage moved: the graphs point at the old buffers
+            self.graphs, self.seen, self.version = {}, set(), version
+            self.pool = torch.cuda.graph_pool_handle()  # a pool dies with the last graph that used it
+        key = (T, last_only, self.caches[0].plans(T))
+        if key not in self.graphs:
+            if key not in self.seen:
+                self.seen.add(key)
+                return self.model(tokens, self.caches, last_only=last_only)
+            self.graphs[key] = self._capture(tokens, last_only)
+        graph, static_in, static_out = self.graphs[key]
+        static_in.copy_(tokens)
+        graph.replay()
+        for c in self.caches:
+            c.advance_host(T)
+        return static_out  # overwritten by the next call
+
+    def _capture(self, tokens, last_only):
+        state = [c.host_state() for c in self.caches]
+        static_in, graph = tokens.clone(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):  # records the kernels; runs none of them
+            static_out = self.model(static_in, self.caches, last_only=last_only)
+        for c, s in zip(self.caches, state):
+            c.set_host_state(s)
+        return graph, static_in, static_out
+
+
+def forward_fn(model, caches, graphs=False):
+    """The model's forward over caches: plain, or replayed from CUDA graphs."""
+    if graphs:
+        return CUDAGraphs(model, caches)
+    return lambda tokens, last_only=False: model(tokens, caches, last_only=last_only)
+
+
 @torch.no_grad()
-def prefill(model, caches, ids: list[int], chunk_size: int, progress=None):
+def prefill(model, caches, ids: list[int], chunk_size: int, progress=None, forward=None):
     """Feed the prompt chunk_size tokens at a time through all layers, all but its last token; the last
     one goes alone, as a decoding step does, so that it makes a memory lookup with its own query (the
     authors' generation loop does the same). Returns the logits after the last token [vocab]."""
+    forward = forward or forward_fn(model, caches)
     dev = model.embed_tokens.weight.device
     tokens = torch.tensor(ids, device=dev)[None]
     for c in caches:
@@ -40,10 +94,10 @@ def prefill(model, caches, ids: list[int], chunk_size: int, progress=None):
             c.reserve(len(ids))
     for s in range(0, len(ids) - 1, chunk_size):
         e = min(s + chunk_size, len(ids) - 1)
-        model(tokens[:, s:e], caches, last_only=True)
+        forward(tokens[:, s:e], last_only=True)
         if progress is not None:
             progress.update(e - s)
-    logits = model(tokens[:, -1:], caches)[0, -1]
+    logits = forward(tokens[:, -1:])[0, -1]
     if progress is not None:
         progress.update(1)
     return logits
@@ -63,8 +117,9 @@ def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator
 
 @torch.no_grad()
 def decode(model, caches, logits, max_new_tokens, stop_ids=(), temperature=0.0, top_k=None, seed=None,
-           on_token=None) -> list[int]:
+           on_token=None, forward=None) -> list[int]:
     """Generate up to max_new_tokens from the logits that follow the prompt, one token at a time."""
+    forward = forward or forward_fn(model, caches)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     dev = model.embed_tokens.weight.device
     out = []
@@ -77,7 +132,7 @@ def decode(model, caches, logits, max_new_tokens, stop_ids=(), temperature=0.0, 
             on_token(out)
         if len(out) == max_new_tokens:
             break
-        logits = model(torch.tensor([[tok]], device=dev), caches)[0, -1]
+        logits = forward(torch.tensor([[tok]], device=dev))[0, -1]
     return out
 
 
@@ -127,7 +182,7 @@ def parse_args(argv=None):
                    help="InfLLM settings, e.g. n_local=4096,topk=16 (defaults: the authors' Mistral config)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the layers and the chunk attention")
+    p.add_argument("--compile", action="store_true", help="torch.compile the layers and the chunk attention; on a GPU, replay CUDA graphs")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -157,9 +212,11 @@ def run(args) -> dict:
         from tqdm import tqdm
         progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
     caches = make_caches(model, args.attention, cfg, kernel="compiled" if args.compile else "blocked")
+    # --compile on a GPU also replays the model from CUDA graphs (not for full attention: its cache grows).
+    forward = forward_fn(model, caches, graphs=args.compile and device.type == "cuda" and args.attention != "full")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    logits = prefill(model, caches, ids, cfg.chunk_size, progress)
+    logits = prefill(model, caches, ids, cfg.chunk_size, progress, forward)
     sync()
     t1 = time.perf_counter()
     if progress is not None:
@@ -175,7 +232,7 @@ def run(args) -> dict:
             shown[0] = text_now
 
     new = decode(model, caches, logits, args.max_new_tokens, set(tok.eos_ids), args.temperature,
-                 args.top_k, args.seed, on_token=stream)
+                 args.top_k, args.seed, on_token=stream, forward=forward)
     sync()
     t2 = time.perf_counter()
     answer = tok.decode(new)

@@ -13,6 +13,7 @@ A cache object per layer stands behind one interface, attend(q, k, v) -> output,
     per layer sit in a device pool kept by least-recent use.
 The semantics follow ../shared/INFLLM.md; where the authors' code differs it is said below.
 """
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -80,6 +81,9 @@ class FullCache:
         self.length += T
         return kernels.causal_attention(q, self.k[:, :, :self.length], self.v[:, :, :self.length])
 
+    def reset(self):
+        self.length = 0
+
     def _grow(self, B, need, like):
         cap = 0 if self.k is None else self.k.shape[2]
         if need <= cap:
@@ -95,83 +99,111 @@ class FullCache:
 class MemoryUnits:
     """The memory units of one layer: each unit's K/V block in host storage (pinned when there is a GPU),
     its representative key on the device, and a pool of max_cached_block device slots kept by LRU.
-    A unit is an index into this storage, never a Python object. The bookkeeping is tensor arithmetic
-    on the device: a lookup never waits for the host."""
+    A unit is an index into this storage, never a Python object. Every buffer has a fixed size and
+    every counter the arithmetic reads lives on the device, so a lookup never waits for the host and
+    the same kernels (a CUDA graph) serve every chunk."""
 
     AGE = 1 << 24  # slot age key = last use * AGE + unit: ties between units used together go to the lower
 
     def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype):
         self.cfg, self.device, self.dtype = cfg, torch.device(device or "cpu"), dtype
         self.block = (n_kv_heads, cfg.block_size, head_dim)
-        self.count = 0
+        self.count, self.lookups = 0, 0  # host copies of what the host must know (sizes, statistics)
+        self.n = torch.zeros((), dtype=torch.long, device=device)  # units stored, as the kernels see it
         self.host_k = self.host_v = self._host(0)
         self.reprs = torch.empty(0, n_heads * head_dim, device=device, dtype=dtype)
         self.unit_slot = torch.full((1,), -1, dtype=torch.long, device=device)  # unit -> slot; last entry: scratch
         S = cfg.max_cached_block
         self.pool_k = torch.zeros(S + 1, *self.block, device=device, dtype=dtype)  # slot S: scratch
         self.pool_v = torch.zeros_like(self.pool_k)
-        self.slot_unit = torch.full((S,), -1, dtype=torch.long, device=device)
-        self.slot_used = torch.full((S,), -1, dtype=torch.long, device=device)  # clock of last use; -1: free
-        self.clock = self.lookups = 0
+        self.slot_unit = torch.full((S + 1,), -1, dtype=torch.long, device=device)
+        self.slot_used = torch.full((S + 1,), -1, dtype=torch.long, device=device)  # clock of last use; -1: free
+        self.clock = torch.zeros((), dtype=torch.long, device=device)
         self.hits = torch.zeros((), dtype=torch.long, device=device)
         self.misses = torch.zeros((), dtype=torch.long, device=device)
+        self.version = 0  # bumped when storage is reallocated (captured CUDA graphs hold its addresses)
+        self.reserve(cfg.topk)
 
     def _host(self, n):
-        return torch.empty(n, *self.block, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        return torch.zeros(n, *self.block, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+
+    @property
+    def capacity(self):
+        return self.host_k.shape[0]
+
+    def reset(self):
+        """Forget every unit, keeping the buffers (and so any CUDA graph that reads them)."""
+        self.count = self.lookups = 0
+        for t, v in ((self.n, 0), (self.clock, 0), (self.hits, 0), (self.misses, 0), (self.unit_slot, -1),
+                     (self.slot_unit, -1), (self.slot_used, -1)):
+            t.fill_(v)
 
     def add(self, k_blocks, v_blocks, reprs):
-        """Store new units [n, Hkv, B, D] with their representative keys [n, Hq * D]."""
+        """Store new units [n, Hkv, B, D] with their representative keys [n, Hq * D] after the last one
+        (the device's side; the caller reserves room and counts them on the host)."""
         n = k_blocks.shape[0]
-        if self.count + n > self.host_k.shape[0]:
-            self.reserve(max(self.count + n, 2 * self.host_k.shape[0], 16))
-        sl = slice(self.count, self.count + n)
-        self.host_k[sl].copy_(k_blocks, non_blocking=True)  # device -> pinned host, asynchronous
-        self.host_v[sl].copy_(v_blocks, non_blocking=True)
-        self.reprs[sl] = reprs
-        self.count += n
+        rows = self.n + torch.arange(n, device=self.n.device)
+        if self.host_k.device == k_blocks.device:
+            self.host_k.index_copy_(0, rows, k_blocks)
+            self.host_v.index_copy_(0, rows, v_blocks)
+        else:  # device -> pinned host, written by a kernel: the rows are known on the device only
+            kernels.scatter_to_host(k_blocks, self.host_k, rows)
+            kernels.scatter_to_host(v_blocks, self.host_v, rows)
+        self.reprs.index_copy_(0, rows, reprs)
+        self.n += n
 
     def reserve(self, cap):
         """Room for cap units. Growing pinned storage is slow (allocation and a copy), so a prefill
         reserves what the prompt needs once."""
-        if cap > self.host_k.shape[0]:
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # pending copies into the old storage
-            for name in ("host_k", "host_v"):
-                new = self._host(cap)
-                new[:self.count] = getattr(self, name)[:self.count]
-                setattr(self, name, new)
-            self.reprs = torch.cat([self.reprs, self.reprs.new_empty(cap - self.reprs.shape[0], self.reprs.shape[1])])
-            old = self.unit_slot.shape[0] - 1  # entries past count are -1 already
-            self.unit_slot = torch.cat([self.unit_slot[:-1], self.unit_slot.new_full((cap + 1 - old,), -1)])
+        if cap <= self.capacity:
+            return
+        cap = max(cap, 2 * self.capacity)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # pending writes into the old storage
+        for name in ("host_k", "host_v"):
+            new = self._host(cap)
+            new[:self.count] = getattr(self, name)[:self.count]
+            setattr(self, name, new)
+        self.reprs = torch.cat([self.reprs, self.reprs.new_zeros(cap - self.reprs.shape[0], self.reprs.shape[1])])
+        old = self.unit_slot.shape[0] - 1  # entries past count are -1 already
+        self.unit_slot = torch.cat([self.unit_slot[:-1], self.unit_slot.new_full((cap + 1 - old,), -1)])
+        self.version += 1
 
     def lookup(self, q_mem):
         """The units this chunk attends to: topk by representative score (every unit while there are
-        no more than topk), loaded into device slots. Returns (units, slots)."""
-        scores = kernels.score_units(q_mem, self.reprs[:self.count])
-        units = kernels.select_units(scores, self.cfg.topk)
-        return units, self.fetch(units)
+        no more than topk), loaded into device slots. Returns (units, valid, slots), topk each: with
+        fewer than topk units stored, the entries past them are not valid."""
+        scores = kernels.score_units(q_mem, self.reprs)
+        stored = torch.arange(self.capacity, device=scores.device) < self.n
+        units = kernels.select_units(scores.masked_fill(~stored, float("-inf")), self.cfg.topk)
+        valid = units < self.n  # ascending: the stored units come first
+        return units, valid, self.fetch(units, valid)
 
-    def fetch(self, units):
+    def fetch(self, units, valid=None):
         """Bring the selected units into device slots. Each missing unit evicts the least recently used
-        unit that is not selected now (free slots first; among units last used together, the lower one)."""
+        unit that is not selected now (free slots first; among units last used together, the lower one).
+        Entries that are not valid take the scratch slot and change nothing."""
+        S = self.cfg.max_cached_block
+        if valid is None:
+            valid = torch.ones_like(units, dtype=torch.bool)
         self.clock += 1
-        self.lookups += 1
         slots = self.unit_slot[units]
-        hit = slots >= 0
+        hit = slots >= 0  # a unit that is not stored never has a slot
+        miss = valid & ~hit
         self.hits += hit.sum()
-        self.misses += (~hit).sum()
+        self.misses += miss.sum()
         # Eviction order over slots: free ones first, then by age; slots of selected units never.
-        age = self.slot_used * self.AGE + self.slot_unit
+        age = self.slot_used[:S] * self.AGE + self.slot_unit[:S]
         protect = torch.where(hit, torch.iinfo(torch.long).max, torch.iinfo(torch.long).min)
         age.scatter_reduce_(0, slots.clamp(min=0), protect, reduce="amax")
         order = age.argsort()
-        victim = torch.where(hit, slots, order[((~hit).cumsum(0) - 1).clamp(min=0)])
+        victim = torch.where(hit, slots, torch.where(miss, order[(miss.cumsum(0) - 1).clamp(min=0)], S))
         old = self.slot_unit[victim]
         scratch = self.unit_slot.shape[0] - 1
-        self.unit_slot[torch.where(~hit & (old >= 0), old, scratch)] = -1
-        self._load(units, torch.where(hit, -1, victim))
+        self.unit_slot.index_fill_(0, torch.where(miss & (old >= 0), old, scratch), -1)
+        self._load(units, torch.where(miss, victim, -1))
         self.slot_unit[victim] = units
-        self.unit_slot[units] = victim
+        self.unit_slot[units] = torch.where(valid, victim, -1)
         self.slot_used[victim] = self.clock
         return victim
 
@@ -187,13 +219,21 @@ class MemoryUnits:
 
     def cached_units(self):
         """Units in the pool, least recently used first (for tests and inspection)."""
-        order = (self.slot_used * self.AGE + self.slot_unit).argsort()
+        S = self.cfg.max_cached_block
+        order = (self.slot_used[:S] * self.AGE + self.slot_unit[:S]).argsort()
         order = order[self.slot_unit[order] >= 0]
         return self.slot_unit[order].tolist()
 
 
 class ContextMemory:
-    """InfLLM's context memory for one layer (batch size 1)."""
+    """InfLLM's context memory for one layer (batch size 1).
+
+    Tokens not yet in init or a unit ("recent": the local window plus the far remainder, fewer than
+    block_size tokens waiting to fill a unit) sit in a ring buffer at slot position % ring size, keys
+    unrotated. Every buffer has a fixed size and the counters the arithmetic reads (position, start of
+    the recent tokens, init tokens held, units stored) live on the device; the host keeps its own
+    copies, which decide only how many tokens a chunk moves to init and to new units. So a chunk's
+    kernels depend on nothing but those counts, and one CUDA graph can replay them for every chunk."""
 
     use_units = True
 
@@ -201,14 +241,24 @@ class ContextMemory:
                  kernel="blocked"):
         self.rope, self.cfg = rope, cfg.check()
         self.chunk_attention = kernels.CHUNK_ATTENTION[kernel]  # "plain" is the specification
+        self.step = self._attend_chunk
+        if kernel == "compiled":
+            # The whole chunk step goes through torch.compile, which fuses its few hundred small kernels
+            # (ring writes, rotations, masks, lookup, LRU, retirement, attention) into a few dozen.
+            self.chunk_attention = functools.partial(kernels.chunk_attention_blocked, block=None)
+            self.step = kernels.compiled(self._attend_chunk)
         self.n_heads = n_heads
-        empty = torch.empty(n_kv_heads, 0, head_dim, device=device, dtype=dtype)
-        self.init_k = self.init_v = empty  # the first n_init tokens to leave the window, kept forever
-        # `recent`: tokens not yet in init or a unit, oldest first: the local window plus the far
-        # remainder (fewer than block_size tokens) waiting to fill a unit. Keys unrotated.
-        self.recent_k = self.recent_v = empty
-        self.recent_score = torch.empty(n_heads, 0, device=device)  # local score per query head, fp32
-        self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype)
+        # A chunk arrives while up to n_local + block_size - 1 recent tokens wait: room for both.
+        self.ring = cfg.n_local + cfg.block_size + cfg.exc_block_size
+        self.ring_k = torch.zeros(n_kv_heads, self.ring, head_dim, device=device, dtype=dtype)
+        self.ring_v = torch.zeros_like(self.ring_k)
+        self.ring_score = torch.zeros(n_heads, self.ring, device=device)  # local score per query head, fp32
+        self.init_k = torch.zeros(n_kv_heads, cfg.n_init, head_dim, device=device, dtype=dtype)
+        self.init_v = torch.zeros_like(self.init_k)
+        # pos: tokens seen; start: position of the oldest recent token; n_init: init tokens held.
+        self.pos_d, self.start_d, self.n_init_d = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+        self.pos = self.start = self.n_init = 0  # the same, on the host
+        self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype) if self.use_units else None
         self.trace = None  # set to a list to record every chunk's selected units (tests, inspection)
 
     def reserve(self, n_tokens):
@@ -216,88 +266,146 @@ class ContextMemory:
         if self.use_units:
             self.units.reserve(n_tokens // self.cfg.block_size + 1)
 
+    def reset(self):
+        """Start a new sequence in the same buffers."""
+        self.pos = self.start = self.n_init = 0
+        for t in (self.pos_d, self.start_d, self.n_init_d):
+            t.zero_()
+        if self.use_units:
+            self.units.reset()
+
+    def host_state(self):
+        u = (self.units.count, self.units.lookups) if self.use_units else ()
+        return (self.pos, self.start, self.n_init) + u
+
+    def set_host_state(self, s):
+        self.pos, self.start, self.n_init = s[:3]
+        if self.use_units:
+            self.units.count, self.units.lookups = s[3:]
+
     def attend(self, q, k, v):
         if q.shape[0] != 1:
             raise ValueError(f"InfLLM context memory holds one sequence; got batch size {q.shape[0]}")
         exc = self.cfg.exc_block_size
-        outs = [self._attend_chunk(q[0, :, s:s + exc], k[0, :, s:s + exc], v[0, :, s:s + exc])
-                for s in range(0, q.shape[2], exc)]
+        outs = []
+        for s in range(0, q.shape[2], exc):
+            plan = self.plan(min(exc, q.shape[2] - s))
+            if self.use_units:
+                self.units.reserve(self.units.count + plan[2])
+            out, units = self.step(q[0, :, s:s + exc], k[0, :, s:s + exc], v[0, :, s:s + exc], plan)
+            if self.trace is not None and self.use_units and self.units.count:
+                self.trace.append(units[:self.units.count].tolist())
+            self.advance(plan)
+            outs.append(out)
         return torch.cat(outs, dim=1)[None]
 
-    def _attend_chunk(self, q, k, v):
-        """One chunk of at most exc_block_size queries [Hq, T, D]: attend, then update the memory."""
-        n_local, T = self.cfg.n_local, q.shape[1]
-        before = self.recent_k.shape[1]
-        self.recent_k = torch.cat([self.recent_k, k], dim=1)
-        self.recent_v = torch.cat([self.recent_v, v], dim=1)
-        self.recent_score = torch.cat([self.recent_score, self.recent_score.new_zeros(self.n_heads, T)], dim=1)
+    def plan(self, T):
+        """What a chunk of T tokens does to the memory, from the host's counters: (T, tokens that move to
+        init, new units). Tokens beyond the window fill init first, then every full block becomes a unit."""
+        extra = self.pos - self.start + T - self.cfg.n_local
+        take = min(self.cfg.n_init - self.n_init, max(extra, 0))
+        return T, take, max(extra - take, 0) // self.cfg.block_size
 
-        # Local part: the window keys at positions 0..L-1, the chunk's queries at the last T of them.
-        L = min(before, n_local) + T
-        dev = q.device
-        pos = torch.arange(L, device=dev)
-        q_local = self.rope(q, pos[L - T:])
-        k_local = self.rope(self.recent_k[:, -L:], pos)
-        dist = (L - T + torch.arange(T, device=dev))[:, None] - pos[None, :]
-        mask_local = (dist >= 0) & (dist < n_local)
+    def advance(self, plan):
+        """The host's side of a chunk: what step() did to the device counters."""
+        T, take, n_new = plan
+        if self.use_units:
+            self.units.lookups += self.units.count > 0  # with no unit stored the lookup selects nothing
+            self.units.count += n_new
+        self.pos += T
+        self.n_init += take
+        self.start += take + n_new * self.cfg.block_size
+
+    def plans(self, T):
+        """The plans of the exc_block_size pieces of a T-token forward, the host's counters untouched."""
+        state, out = self.host_state(), []
+        for s in range(0, T, self.cfg.exc_block_size):
+            out.append(self.plan(min(self.cfg.exc_block_size, T - s)))
+            self.advance(out[-1])
+        self.set_host_state(state)
+        return tuple(out)
+
+    def advance_host(self, T):
+        """The host's side of attend() for T tokens, after a CUDA graph did the device's side."""
+        for s in range(0, T, self.cfg.exc_block_size):
+            self.advance(self.plan(min(self.cfg.exc_block_size, T - s)))
+
+    def _attend_chunk(self, q, k, v, plan):
+        """One chunk of at most exc_block_size queries [Hq, T, D]: attend, then update the memory.
+        Device work only, the same for every chunk of one plan: it reads no host counter. Returns the
+        output and the selected units (None without units)."""
+        T, take, n_new = plan
+        N, R, dev = self.cfg.n_local, self.ring, q.device
+        t = torch.arange(T, device=dev)
+        new = (self.pos_d + t) % R
+        self.ring_k.index_copy_(1, new, k)
+        self.ring_v.index_copy_(1, new, v)
+        self.ring_score.index_fill_(1, new, 0.0)
+
+        # Local part: the N tokens before the chunk and the chunk, at window positions 0..N+T-1 (the
+        # chunk's queries at the last T); key i holds absolute position pos - N + i (none if negative).
+        i = torch.arange(N + T, device=dev)
+        window = (self.pos_d - N + i) % R
+        q_local = self.rope(q, N + t)
+        k_local = self.rope(self.ring_k[:, window], i)
+        mask_local = (i[None, :] > t[:, None]) & (i[None, :] <= N + t[:, None]) & (i >= N - self.pos_d)[None, :]
 
         # Memory part: all its keys at position 0 and the queries at n_local - 1.
-        q_mem = self.rope(q, torch.full((T,), n_local - 1, device=dev))
-        k_mem, v_mem, mask_mem = self._memory(q_mem, before)
+        q_mem = self.rope(q, torch.full((T,), N - 1, device=dev))
+        k_mem, v_mem, mask_mem, units = self._memory(q_mem)
 
-        out, col_sums = self.chunk_attention(q_local, k_local, self.recent_v[:, -L:], mask_local,
+        out, col_sums = self.chunk_attention(q_local, k_local, self.ring_v[:, window], mask_local,
                                              q_mem, k_mem, v_mem, mask_mem)
-        self.recent_score[:, -L:] += col_sums
-        self._retire()
-        return out
+        self.ring_score.index_add_(1, window, col_sums)
+        self._retire(take, n_new)
+        self.pos_d += T
+        return out, units
 
-    def _memory(self, q_mem, before):
+    def _memory(self, q_mem):
         """Keys, values and mask of the memory part: selected units, init tokens, and the far remainder.
         A remainder token is seen by a query more than n_local - 1 tokens after it, so every token is
         seen in exactly one part. (The authors' code lets each chunk see its whole far remainder,
         some of it also through the window; the difference is a few tokens per query.)"""
-        n_local, T = self.cfg.n_local, q_mem.shape[1]
-        n_far = max(before + T - n_local, 0)  # recent tokens out of reach of the chunk's last query
-        dev = q_mem.device
-        dist = (before + torch.arange(T, device=dev))[:, None] - torch.arange(n_far, device=dev)[None, :]
-        keys, values = [self.init_k, self.recent_k[:, :n_far]], [self.init_v, self.recent_v[:, :n_far]]
-        if self.use_units and self.units.count:
-            units, slots = self.units.lookup(q_mem)
-            if self.trace is not None:
-                self.trace.append(units.tolist())
-            Hkv, B, D = self.units.block
-            keys.insert(0, self.units.pool_k[slots].transpose(0, 1).reshape(Hkv, -1, D))
-            values.insert(0, self.units.pool_v[slots].transpose(0, 1).reshape(Hkv, -1, D))
-        n_always = sum(x.shape[1] for x in keys[:-1])
-        mask = torch.cat([torch.ones(T, n_always, dtype=torch.bool, device=dev), dist >= n_local], dim=1)
-        return torch.cat(keys, dim=1), torch.cat(values, dim=1), mask
+        cfg, T, dev = self.cfg, q_mem.shape[1], q_mem.device
+        k_init, v_init, mask_init = self._init_part(T)
+        # The oldest recent tokens: at most exc_block_size + block_size - 1 of them are out of some
+        # query's window.
+        far = self.start_d + torch.arange(cfg.exc_block_size + cfg.block_size, device=dev)
+        mask_far = (self.pos_d + torch.arange(T, device=dev))[:, None] - far[None, :] >= cfg.n_local
+        units, valid, slots = self.units.lookup(q_mem)
+        Hkv, B, D = self.units.block
+        k_units = self.units.pool_k[slots].transpose(0, 1).reshape(Hkv, -1, D)
+        v_units = self.units.pool_v[slots].transpose(0, 1).reshape(Hkv, -1, D)
+        mask_units = valid.repeat_interleave(B)[None, :].expand(T, -1)
+        return (torch.cat([k_units, k_init, self.ring_k[:, far % self.ring]], dim=1),
+                torch.cat([v_units, v_init, self.ring_v[:, far % self.ring]], dim=1),
+                torch.cat([mask_units, mask_init, mask_far], dim=1), units)
 
-    def _retire(self):
+    def _init_part(self, T):
+        held = torch.arange(self.cfg.n_init, device=self.init_k.device) < self.n_init_d
+        return self.init_k, self.init_v, held[None, :].expand(T, -1)
+
+    def _retire(self, take, n_new):
         """Tokens that left the window fill init first; after that every full block_size run of them
         becomes a memory unit, its representative key chosen by the tokens' local scores."""
-        extra = self.recent_k.shape[1] - self.cfg.n_local
-        take = min(self.cfg.n_init - self.init_k.shape[1], max(extra, 0))
-        if take > 0:
-            self.init_k = torch.cat([self.init_k, self.recent_k[:, :take]], dim=1)
-            self.init_v = torch.cat([self.init_v, self.recent_v[:, :take]], dim=1)
-            self._drop(take)
-            extra -= take
-        n = max(extra, 0) // self.cfg.block_size
-        if n:
-            self._to_units(n)
-
-    def _to_units(self, n):
-        B = self.cfg.block_size
-        Hkv, _, D = self.recent_k.shape
-        k = self.recent_k[:, :n * B].reshape(Hkv, n, B, D).transpose(0, 1)
-        v = self.recent_v[:, :n * B].reshape(Hkv, n, B, D).transpose(0, 1)
-        score = self.recent_score[:, :n * B].reshape(self.n_heads, n, B).transpose(0, 1)
-        self.units.add(k, v, kernels.representative_keys(k, score, self.cfg.repr_topk))
-        self._drop(n * B)
-
-    def _drop(self, n):
-        self.recent_k, self.recent_v = self.recent_k[:, n:], self.recent_v[:, n:]
-        self.recent_score = self.recent_score[:, n:]
+        dev = self.ring_k.device
+        if take:
+            src = (self.start_d + torch.arange(take, device=dev)) % self.ring
+            dst = self.n_init_d + torch.arange(take, device=dev)
+            self.init_k.index_copy_(1, dst, self.ring_k[:, src])
+            self.init_v.index_copy_(1, dst, self.ring_v[:, src])
+            self.n_init_d += take
+            self.start_d += take
+        if n_new:
+            B = self.cfg.block_size
+            src = (self.start_d + torch.arange(n_new * B, device=dev)) % self.ring
+            if self.use_units:
+                Hkv, _, D = self.ring_k.shape
+                k = self.ring_k[:, src].reshape(Hkv, n_new, B, D).transpose(0, 1)
+                v = self.ring_v[:, src].reshape(Hkv, n_new, B, D).transpose(0, 1)
+                score = self.ring_score[:, src].reshape(self.n_heads, n_new, B).transpose(0, 1)
+                self.units.add(k, v, kernels.representative_keys(k, score, self.cfg.repr_topk))
+            self.start_d += n_new * B
 
 
 class StreamCache(ContextMemory):
@@ -306,13 +414,8 @@ class StreamCache(ContextMemory):
 
     use_units = False
 
-    def _memory(self, q_mem, before):
-        T = q_mem.shape[1]
-        mask = torch.ones(T, self.init_k.shape[1], dtype=torch.bool, device=q_mem.device)
-        return self.init_k, self.init_v, mask
-
-    def _to_units(self, n):
-        self._drop(n * self.cfg.block_size)
+    def _memory(self, q_mem):
+        return self._init_part(q_mem.shape[1]) + (None,)
 
 
 def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None, kernel: str = "blocked"):

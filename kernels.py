@@ -126,6 +126,7 @@ def chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem,
     return out.reshape(Hq, T, D).to(q_local.dtype), col.reshape(Hq, L).float()
 
 
+@torch.compiler.disable  # a host address is no tensor: torch.compile calls this as it is
 def gather_from_host(src, rows, dst, dst_rows):
     """dst[dst_rows[i]] = src[rows[i]] for every i with dst_rows[i] >= 0, where src lives in pinned host
     memory and the indices on the GPU. A Triton kernel reads the host rows over PCIe itself (pinned
@@ -136,6 +137,34 @@ def gather_from_host(src, rows, dst, dst_rows):
         return
     row = src[0].numel()
     _gather_kernel()[(n, -(-row // 4096))](src.data_ptr(), rows, dst, dst_rows, row, BLOCK=4096)
+
+
+@torch.compiler.disable
+def scatter_to_host(src, dst, rows):
+    """dst[rows[i]] = src[i], where dst lives in pinned host memory and src and rows on the GPU: the
+    write-back twin of gather_from_host. New units go to host storage at rows only the device knows."""
+    n = src.shape[0]
+    if n == 0:
+        return
+    row = dst[0].numel()
+    _scatter_kernel()[(n, -(-row // 4096))](src.contiguous(), rows, dst.data_ptr(), row, BLOCK=4096)
+
+
+@functools.cache
+def _scatter_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scatter(src, rows, dst_addr, row_numel, BLOCK: tl.constexpr):
+        i, j = tl.program_id(0), tl.program_id(1)
+        offs = j * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < row_numel
+        dst = dst_addr.to(tl.pointer_type(src.dtype.element_ty))  # a host address, mapped for the GPU
+        x = tl.load(src + i * row_numel + offs, mask=ok)
+        tl.store(dst + tl.load(rows + i) * row_numel + offs, x, mask=ok)
+
+    return scatter
 
 
 @functools.cache
@@ -154,6 +183,13 @@ def _gather_kernel():
         tl.store(dst + d * row_numel + offs, x, mask=ok)
 
     return gather
+
+
+def compiled(fn):
+    """torch.compile for a function called with a few fixed shapes and plans (static ints): each gets its
+    own specialised graph, so the limit on recompilations is raised to hold them all."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn)
 
 
 @functools.cache

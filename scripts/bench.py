@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import decode, peak_rss_gib, pick_device, prefill, UsageError  # noqa: E402
+from generate import decode, forward_fn, peak_rss_gib, pick_device, prefill, UsageError  # noqa: E402
 from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
 from model import DTYPES, ModelArgs, random_model  # noqa: E402
 
@@ -41,21 +41,22 @@ def parse_length(s: str) -> int:
         raise UsageError(f"cannot read the length {s!r} (write e.g. 32K, 1M or 5000)") from None
 
 
-def measure(model, attention, cfg, kernel, length, n_decode, device, seed):
+def measure(model, caches, forward, chunk, length, n_decode, device, seed):
     """One prefill of `length` random tokens and n_decode greedy steps; seconds and memory."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.args.vocab_size, (length,), generator=g).tolist()
-    caches = make_caches(model, attention, cfg, kernel)
+    for c in caches:
+        c.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     sync()
     t0 = time.perf_counter()
-    logits = prefill(model, caches, ids, cfg.chunk_size)
+    logits = prefill(model, caches, ids, chunk, forward=forward)
     sync()
     t1 = time.perf_counter()
-    new = decode(model, caches, logits, n_decode)
+    new = decode(model, caches, logits, n_decode, forward=forward)
     sync()
     t2 = time.perf_counter()
     return {
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--infllm", default="", help="InfLLM settings key=value,...")
     p.add_argument("--kernel", choices=["blocked", "plain", "compiled"], default="blocked")
+    p.add_argument("--graphs", action="store_true", help="replay the forward from CUDA graphs (GPU, infllm/stream)")
+    p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: chunk_size of the InfLLM settings)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--profile", action="store_true", help="also print where one prefill spends its time")
     args = p.parse_args(argv)
@@ -95,7 +98,8 @@ def main(argv=None) -> int:
     model = random_model(SHAPES[args.shape], device=device, dtype=dtype)
     rows = []
     for n in lengths:
-        runs = [measure(model, args.attention, cfg, args.kernel, n, args.decode, device, seed=r) for r in range(args.repeats)]
+        caches, forward = setup(model, args.attention, cfg, args.kernel, args.graphs)
+        runs = [measure(model, caches, forward, args.chunk or cfg.chunk_size, n, args.decode, device, seed=r) for r in range(args.repeats)]
         med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
         row = {"shape": args.shape, "attention": args.attention, "length": n, "repeats": args.repeats,
                "prefill_tok_s": med("prefill_tok_s"), "decode_tok_s": med("decode_tok_s"),
@@ -114,18 +118,32 @@ def main(argv=None) -> int:
                   f"decode {row['decode_tok_s']:7.2f} tok/s, peak GPU {gpu}, peak RSS {row['peak_rss_gib']:.1f} GiB, "
                   f"unit-cache hit rate {hit}", flush=True)
     if args.profile:
-        profile(model, args.attention, cfg, args.kernel, lengths[0], device)
+        profile(model, *setup(model, args.attention, cfg, args.kernel, args.graphs), args.chunk or cfg.chunk_size, lengths[0], device)
     return 0
 
 
-def profile(model, attention, cfg, kernel, length, device):
-    """The operators that take the time of one prefill and 8 decoding steps (torch.profiler)."""
+def setup(model, attention, cfg, kernel, graphs):
+    """Caches kept over the repeats (reset between them), so CUDA graphs captured in one are replayed
+    in the next, as they are for every prompt after the first in a long-running process."""
+    caches = make_caches(model, attention, cfg, kernel)
+    return caches, forward_fn(model, caches, graphs=graphs)
+
+
+def profile(model, caches, forward, chunk, length, device):
+    """The operators that take the time of one prefill, then of 16 decoding steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=acts) as prof:
-        measure(model, attention, cfg, kernel, length, 8, device, seed=0)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+    ids = torch.randint(0, model.args.vocab_size, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+    for c in caches:
+        c.reset()
+    for name, work in (("prefill", lambda: prefill(model, caches, ids, chunk, forward=forward)),
+                       ("16 decoding steps", lambda: decode(model, caches, logits, 16, forward=forward))):
+        with torch_profile(activities=acts) as prof:
+            logits = work()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        print(f"== {name} ==\n" + prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run one passkey prompt through two attention kernels and compare the greedy tokens.
 
-    python scripts/compare_paths.py --ckpt DIR --length 32K [--kernels plain,compiled] [--depth 0.5]
+    python scripts/compare_paths.py --ckpt DIR --length 32K [--kernels plain,compiled,graphs] [--depth 0.5]
 
 The fast path must give the plain path's answer on a real model and a real prompt, not only on random
 tensors; the seconds per prompt are printed beside it.
@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import decode, load, pick_device, prefill  # noqa: E402
+from generate import decode, forward_fn, load, pick_device, prefill  # noqa: E402
 from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
 from model import DTYPES  # noqa: E402
 from passkey import build_prompt, found, parse_length  # noqa: E402
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--length", default="32K")
     p.add_argument("--depth", type=float, default=0.5)
     p.add_argument("--key", type=int, default=71432)
-    p.add_argument("--kernels", default="plain,compiled")
+    p.add_argument("--kernels", default="plain,graphs", help="plain, blocked, compiled, or graphs (compiled + CUDA graphs)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--infllm", default="")
@@ -39,19 +39,26 @@ def main(argv=None) -> int:
     ids = build_prompt(tok, parse_length(args.length), args.depth, args.key)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     answers = {}
-    for kernel in args.kernels.split(","):
-        if device.type == "cuda":  # compile and warm up on a short prompt, outside the timing
-            warm = make_caches(model, "infllm", cfg, kernel)
-            decode(model, warm, prefill(model, warm, ids[:3 * cfg.chunk_size], cfg.chunk_size), 2)
+    for name in args.kernels.split(","):
+        kernel = "compiled" if name == "graphs" else name  # graphs: compiled and replayed from CUDA graphs
         caches = make_caches(model, "infllm", cfg, kernel)
+        forward = forward_fn(model, caches, graphs=name == "graphs")
+        for c in caches:
+            c.reserve(len(ids) + args.new_tokens)  # now, so that no later growth drops captured graphs
+        if device.type == "cuda":  # compile, capture and warm up on a short prompt, outside the timing
+            short = ids[:3 * cfg.chunk_size + 1]
+            decode(model, caches, prefill(model, caches, short, cfg.chunk_size, forward=forward), 3, forward=forward)
+            for c in caches:
+                c.reset()
         sync()
         t0 = time.perf_counter()
-        new = decode(model, caches, prefill(model, caches, ids, cfg.chunk_size), args.new_tokens)
+        logits = prefill(model, caches, ids, cfg.chunk_size, forward=forward)
+        new = decode(model, caches, logits, args.new_tokens, forward=forward)
         sync()
         seconds = time.perf_counter() - t0
-        answers[kernel] = new
+        answers[name] = new
         text = tok.decode(new)
-        print(f"{kernel:>9}: {len(ids)} tokens, {seconds:.1f} s, found={found(text, args.key)}, "
+        print(f"{name:>9}: {len(ids)} tokens, {seconds:.1f} s, found={found(text, args.key)}, "
               f"hit rate {memory_stats(caches)['hit_rate']:.1%}, answer {text!r}", flush=True)
     same = len({tuple(a) for a in answers.values()}) == 1
     print("same greedy tokens:", same)

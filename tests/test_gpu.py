@@ -60,3 +60,28 @@ def test_bf16_fast_path_close_to_fp32_plain():
     a = run(model32, make_caches(model32, "infllm", SMALL, kernel="plain"), tokens, SMALL.chunk_size, 10)
     b = run(model16, make_caches(model16, "infllm", SMALL, kernel="compiled"), tokens, SMALL.chunk_size, 10)
     assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+@pytest.mark.parametrize("attention", ["infllm", "stream"])
+def test_cuda_graphs_replay_the_same_forward(attention):
+    """Chunks replayed from CUDA graphs give the logits, selections and statistics of running them, over
+    several prompts in the same caches (reset between them) so that every kind of chunk is replayed."""
+    from generate import forward_fn
+    model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
+    eager, graphed = make_caches(model, attention, SMALL, "compiled"), make_caches(model, attention, SMALL, "compiled")
+    graphs = forward_fn(model, graphed, graphs=True)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        tokens = torch.randint(0, ARGS.vocab_size, (1, 400), device="cuda")
+        outs = {}
+        for name, caches, fwd in (("eager", eager, forward_fn(model, eager)), ("graphs", graphed, graphs)):
+            for c in caches:
+                c.reset()
+            with torch.no_grad():
+                o = [fwd(tokens[:, s:s + 48]).clone() for s in range(0, 380, 48)]
+                o += [fwd(tokens[:, t:t + 1]).clone() for t in range(380, 400)]
+            outs[name] = torch.cat(o, dim=1)
+        assert (outs["eager"] - outs["graphs"]).abs().max() < 1e-4
+        assert memory_stats(eager) == memory_stats(graphed)
+        assert [c.host_state() for c in eager] == [c.host_state() for c in graphed]
+    assert len(graphs.graphs) >= 3  # prefill, decode, and decode that makes a unit (or drops a block)

@@ -213,6 +213,7 @@ class LRUModel:
 def test_lru_eviction_matches_plain_model(selections):
     cfg = InfLLMConfig(block_size=2, topk=3, max_cached_block=4, n_local=4, exc_block_size=2, repr_topk=1)
     units = MemoryUnits(cfg, n_heads=2, n_kv_heads=1, head_dim=2, device="cpu", dtype=torch.float64)
+    units.reserve(10)
     data = torch.arange(10 * 4, dtype=torch.float64).reshape(10, 1, 2, 2)
     units.add(data, -data, torch.zeros(10, 4, dtype=torch.float64))
     ref = LRUModel(4)
@@ -228,6 +229,7 @@ def test_lru_eviction_matches_plain_model(selections):
 def test_lru_evicts_the_least_recently_used():
     cfg = InfLLMConfig(block_size=1, topk=2, max_cached_block=3, n_local=2, exc_block_size=1, repr_topk=1)
     units = MemoryUnits(cfg, n_heads=1, n_kv_heads=1, head_dim=1, device="cpu", dtype=torch.float32)
+    units.reserve(6)
     units.add(torch.arange(6.0).reshape(6, 1, 1, 1), torch.zeros(6, 1, 1, 1), torch.zeros(6, 1))
     for sel in ([0, 1], [2], [0], [3, 4]):  # 1 then 2 are the least recently used when 3, 4 arrive
         units.fetch(torch.tensor(sel))
@@ -255,3 +257,37 @@ def test_batch_larger_than_one_is_refused(model64):
     with pytest.raises(ValueError, match="batch size 2"):
         model64(torch.zeros(2, 5, dtype=torch.long), make_caches(model64, "infllm", SMALL))
     assert isinstance(make_caches(model64, "infllm")[0], ContextMemory)
+
+
+def test_host_counters_follow_a_chunk_without_running_it(model64):
+    """advance_host (what the host does after a CUDA graph replays a forward) keeps the same counters as
+    running the forward does: they decide the shape of every later chunk."""
+    prompt, dec = tokens(150, 5), tokens(20, 6)
+    ran = make_caches(model64, "infllm", SMALL)
+    run(model64, ran, prompt, SMALL.chunk_size, dec)
+    skipped = make_caches(model64, "infllm", SMALL)
+    sizes = [min(SMALL.chunk_size, 150 - s) for s in range(0, 150, SMALL.chunk_size)] + [1] * 20
+    for T in sizes:
+        before = skipped[0].host_state()
+        plans = skipped[0].plans(T)
+        assert skipped[0].host_state() == before and sum(p[0] for p in plans) == T
+        skipped[0].advance_host(T)
+    assert skipped[0].host_state() == ran[0].host_state()
+    assert ran[0].units.count == int(ran[0].units.n) > SMALL.topk
+    assert (ran[0].pos, ran[0].start, ran[0].n_init) == (int(ran[0].pos_d), int(ran[0].start_d), int(ran[0].n_init_d))
+
+
+@pytest.mark.parametrize("attention", ["infllm", "stream"])
+def test_reset_starts_a_new_sequence_in_the_same_buffers(model64, attention):
+    first, second, dec = tokens(130, 7), tokens(110, 8), tokens(5, 9)
+    reused = make_caches(model64, attention, SMALL)
+    run(model64, reused, first, SMALL.chunk_size, dec)
+    buffers = [c.ring_k.data_ptr() for c in reused]
+    for c in reused:
+        c.reset()
+    a = run(model64, reused, second, SMALL.chunk_size, dec)
+    fresh = make_caches(model64, attention, SMALL)
+    b = run(model64, fresh, second, SMALL.chunk_size, dec)
+    assert torch.equal(a, b)
+    assert memory_stats(reused) == memory_stats(fresh)
+    assert [c.ring_k.data_ptr() for c in reused] == buffers
