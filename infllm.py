@@ -125,7 +125,9 @@ class MemoryUnits:
         self.reserve(cfg.topk)
 
     def _host(self, n):
-        return torch.zeros(n, *self.block, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        if self.device.type == "cuda":  # rows past count are never read: no need to clear them
+            return kernels.pinned_empty((n, *self.block), self.dtype)
+        return torch.zeros(n, *self.block, dtype=self.dtype)
 
     @property
     def capacity(self):

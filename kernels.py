@@ -7,6 +7,7 @@ key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
 """
 import functools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,21 @@ def chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem,
     return out.reshape(Hq, T, D).to(q_local.dtype), col.reshape(Hq, L).float()
 
 
+def pinned_empty(shape, dtype):
+    """Page-locked host memory of exactly this size. torch's pinned allocator rounds every block up to a
+    power of two and keeps freed blocks for reuse, so 1.07 GB of units would hold 2 GB, and the storage
+    of an earlier, shorter prompt would stay: at 1M tokens that doubles the host memory. Registering an
+    ordinary allocation (cudaHostRegister, mapped for the GPU) costs exactly its size."""
+    t = torch.empty(shape, dtype=dtype)
+    if t.numel():
+        cudart, ptr = torch.cuda.cudart(), t.data_ptr()
+        err = cudart.cudaHostRegister(ptr, t.numel() * t.element_size(), 3)  # portable | mapped
+        if int(err) != 0:
+            raise RuntimeError(f"cannot page-lock {t.numel() * t.element_size() / 2**30:.1f} GiB of host memory for the memory units (CUDA error {int(err)})")
+        weakref.finalize(t, cudart.cudaHostUnregister, ptr)
+    return t
+
+
 @torch.compiler.disable  # a host address is no tensor: torch.compile calls this as it is
 def gather_from_host(src, rows, dst, dst_rows):
     """dst[dst_rows[i]] = src[rows[i]] for every i with dst_rows[i] >= 0, where src lives in pinned host
@@ -160,7 +176,7 @@ def _scatter_kernel():
         i, j = tl.program_id(0), tl.program_id(1)
         offs = j * BLOCK + tl.arange(0, BLOCK)
         ok = offs < row_numel
-        dst = dst_addr.to(tl.pointer_type(src.dtype.element_ty))  # a host address, mapped for the GPU
+        dst = dst_addr.to(tl.int64).to(tl.pointer_type(src.dtype.element_ty))  # a host address, mapped
         x = tl.load(src + i * row_numel + offs, mask=ok)
         tl.store(dst + tl.load(rows + i) * row_numel + offs, x, mask=ok)
 
@@ -178,7 +194,8 @@ def _gather_kernel():
         d = tl.load(dst_rows + i)
         offs = j * BLOCK + tl.arange(0, BLOCK)
         ok = (offs < row_numel) & (d >= 0)  # hits copy nothing
-        src = src_addr.to(tl.pointer_type(dst.dtype.element_ty))  # a host address, mapped for the GPU
+        # A host address, mapped for the GPU (Triton passes a small one as int32: widen it first).
+        src = src_addr.to(tl.int64).to(tl.pointer_type(dst.dtype.element_ty))
         x = tl.load(src + tl.load(rows + i) * row_numel + offs, mask=ok)
         tl.store(dst + d * row_numel + offs, x, mask=ok)
 

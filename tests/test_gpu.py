@@ -85,3 +85,16 @@ def test_cuda_graphs_replay_the_same_forward(attention):
         assert memory_stats(eager) == memory_stats(graphed)
         assert [c.host_state() for c in eager] == [c.host_state() for c in graphed]
     assert len(graphs.graphs) >= 3  # prefill, decode, and decode that makes a unit (or drops a block)
+
+
+def test_pinned_storage_is_mapped_for_the_gpu():
+    import kernels
+    src = kernels.pinned_empty((7, 2, 4, 3), torch.bfloat16)
+    src.copy_(torch.randn(7, 2, 4, 3))
+    dst = torch.zeros(3, 2, 4, 3, device="cuda", dtype=torch.bfloat16)
+    kernels.gather_from_host(src, torch.tensor([6, 1, 3], device="cuda"), dst, torch.tensor([0, 2, -1], device="cuda"))
+    assert torch.equal(dst[0].cpu(), src[6]) and torch.equal(dst[2].cpu(), src[1]) and not dst[1].any()
+    back = torch.randn(2, 2, 4, 3, device="cuda").to(torch.bfloat16)
+    kernels.scatter_to_host(back, src, torch.tensor([4, 0], device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(src[4], back[0].cpu()) and torch.equal(src[0], back[1].cpu())
