@@ -291,3 +291,17 @@ def test_reset_starts_a_new_sequence_in_the_same_buffers(model64, attention):
     assert torch.equal(a, b)
     assert memory_stats(reused) == memory_stats(fresh)
     assert [c.ring_k.data_ptr() for c in reused] == buffers
+
+
+def test_compiled_chunk_step_equals_plain_path_on_cpu():
+    """The GPU path's torch.compile'd chunk step (lookup, LRU, retirement and attention in one compiled
+    function) runs on the CPU too: same logits, selections and statistics as the specification."""
+    model = random_model(ARGS, dtype=torch.float32, seed=3)
+    prompt, dec = tokens(150, 30), tokens(12, 31)
+    plain, fast = make_caches(model, "infllm", SMALL, "plain"), make_caches(model, "infllm", SMALL, "compiled")
+    for c in plain + fast:
+        c.trace = []
+    a, b = run(model, plain, prompt, SMALL.chunk_size, dec), run(model, fast, prompt, SMALL.chunk_size, dec)
+    assert (a - b).abs().max() < 1e-4
+    assert [c.trace for c in plain] == [c.trace for c in fast]
+    assert memory_stats(plain) == memory_stats(fast) and memory_stats(fast)["misses"] > 0
