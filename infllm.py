@@ -13,7 +13,6 @@ A cache object per layer stands behind one interface, attend(q, k, v) -> output,
     per layer sit in a device pool kept by least-recent use.
 The semantics follow ../shared/INFLLM.md; where the authors' code differs it is said below.
 """
-import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -243,12 +242,9 @@ class ContextMemory:
                  kernel="blocked"):
         self.rope, self.cfg = rope, cfg.check()
         self.chunk_attention = kernels.CHUNK_ATTENTION[kernel]  # "plain" is the specification
-        self.step = self._attend_chunk
-        if kernel == "compiled":
-            # The whole chunk step goes through torch.compile, which fuses its few hundred small kernels
-            # (ring writes, rotations, masks, lookup, LRU, retirement, attention) into a few dozen.
-            self.chunk_attention = functools.partial(kernels.chunk_attention_blocked, block=None)
-            self.step = kernels.compiled(self._attend_chunk)
+        # "compiled": the whole chunk step goes through torch.compile, which fuses its few hundred small
+        # kernels (ring writes, rotations, masks, lookup, LRU, retirement, attention) into a few dozen.
+        self.step = kernels.compiled(self._attend_chunk) if kernel == "compiled" else self._attend_chunk
         self.n_heads = n_heads
         # A chunk arrives while up to n_local + block_size - 1 recent tokens wait: room for both.
         self.ring = cfg.n_local + cfg.block_size + cfg.exc_block_size
@@ -276,15 +272,6 @@ class ContextMemory:
         if self.use_units:
             self.units.reset()
 
-    def host_state(self):
-        u = (self.units.count, self.units.lookups) if self.use_units else ()
-        return (self.pos, self.start, self.n_init) + u
-
-    def set_host_state(self, s):
-        self.pos, self.start, self.n_init = s[:3]
-        if self.use_units:
-            self.units.count, self.units.lookups = s[3:]
-
     def attend(self, q, k, v):
         if q.shape[0] != 1:
             raise ValueError(f"InfLLM context memory holds one sequence; got batch size {q.shape[0]}")
@@ -300,37 +287,6 @@ class ContextMemory:
             self.advance(plan)
             outs.append(out)
         return torch.cat(outs, dim=1)[None]
-
-    def plan(self, T):
-        """What a chunk of T tokens does to the memory, from the host's counters: (T, tokens that move to
-        init, new units). Tokens beyond the window fill init first, then every full block becomes a unit."""
-        extra = self.pos - self.start + T - self.cfg.n_local
-        take = min(self.cfg.n_init - self.n_init, max(extra, 0))
-        return T, take, max(extra - take, 0) // self.cfg.block_size
-
-    def advance(self, plan):
-        """The host's side of a chunk: what step() did to the device counters."""
-        T, take, n_new = plan
-        if self.use_units:
-            self.units.lookups += self.units.count > 0  # with no unit stored the lookup selects nothing
-            self.units.count += n_new
-        self.pos += T
-        self.n_init += take
-        self.start += take + n_new * self.cfg.block_size
-
-    def plans(self, T):
-        """The plans of the exc_block_size pieces of a T-token forward, the host's counters untouched."""
-        state, out = self.host_state(), []
-        for s in range(0, T, self.cfg.exc_block_size):
-            out.append(self.plan(min(self.cfg.exc_block_size, T - s)))
-            self.advance(out[-1])
-        self.set_host_state(state)
-        return tuple(out)
-
-    def advance_host(self, T):
-        """The host's side of attend() for T tokens, after a CUDA graph did the device's side."""
-        for s in range(0, T, self.cfg.exc_block_size):
-            self.advance(self.plan(min(self.cfg.exc_block_size, T - s)))
 
     def _attend_chunk(self, q, k, v, plan):
         """One chunk of at most exc_block_size queries [Hq, T, D]: attend, then update the memory.
@@ -408,6 +364,50 @@ class ContextMemory:
                 score = self.ring_score[:, src].reshape(self.n_heads, n_new, B).transpose(0, 1)
                 self.units.add(k, v, kernels.representative_keys(k, score, self.cfg.repr_topk))
             self.start_d += n_new * B
+
+    # The host's side: the counts that fix a chunk's shapes, and what a CUDA graph needs to replay one.
+
+    def plan(self, T):
+        """What a chunk of T tokens does to the memory, from the host's counters: (T, tokens that move to
+        init, new units). Tokens beyond the window fill init first, then every full block becomes a unit."""
+        extra = self.pos - self.start + T - self.cfg.n_local
+        take = min(self.cfg.n_init - self.n_init, max(extra, 0))
+        return T, take, max(extra - take, 0) // self.cfg.block_size
+
+    def advance(self, plan):
+        """The host's side of a chunk: what step() did to the device counters."""
+        T, take, n_new = plan
+        if self.use_units:
+            self.units.lookups += self.units.count > 0  # with no unit stored the lookup selects nothing
+            self.units.count += n_new
+        self.pos += T
+        self.n_init += take
+        self.start += take + n_new * self.cfg.block_size
+
+    def advance_host(self, T):
+        """The host's side of attend() for T tokens (after a CUDA graph did the device's side); returns
+        the plans of its exc_block_size pieces."""
+        out = []
+        for s in range(0, T, self.cfg.exc_block_size):
+            out.append(self.plan(min(self.cfg.exc_block_size, T - s)))
+            self.advance(out[-1])
+        return tuple(out)
+
+    def plans(self, T):
+        """The plans of a T-token forward, the host's counters untouched (what a CUDA graph is keyed by)."""
+        state = self.host_state()
+        out = self.advance_host(T)
+        self.set_host_state(state)
+        return out
+
+    def host_state(self):
+        u = (self.units.count, self.units.lookups) if self.use_units else ()
+        return (self.pos, self.start, self.n_init) + u
+
+    def set_host_state(self, s):
+        self.pos, self.start, self.n_init = s[:3]
+        if self.use_units:
+            self.units.count, self.units.lookups = s[3:]
 
 
 class StreamCache(ContextMemory):

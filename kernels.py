@@ -209,15 +209,7 @@ def compiled(fn):
     return torch.compile(fn)
 
 
-@functools.cache
-def _compiled_blocked():
-    return torch.compile(chunk_attention_blocked, dynamic=True)
-
-
-def chunk_attention_compiled(*args):
-    """The blocked kernel in one block, compiled: inductor fuses the masking, softmax and column-sum
-    passes over the probabilities into a few kernels (the GPU path)."""
-    return _compiled_blocked()(*args, block=None)
-
-
-CHUNK_ATTENTION = {"plain": chunk_attention, "blocked": chunk_attention_blocked, "compiled": chunk_attention_compiled}
+# "compiled": the blocked kernel in one block, which ContextMemory compiles together with the rest of its
+# chunk step (inductor fuses the masking, softmax and column-sum passes over the probabilities).
+CHUNK_ATTENTION = {"plain": chunk_attention, "blocked": chunk_attention_blocked,
+                   "compiled": functools.partial(chunk_attention_blocked, block=None)}
