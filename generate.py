@@ -33,14 +33,14 @@ class CUDAGraphs:
     a chunk's kernels depend only on its length and on how many tokens each of its exc_block_size
     pieces moves to init and to new units (ContextMemory.plan), so a long prompt or a decoding run
     repeats a few kinds of chunk many times. A kind of chunk runs as usual the first time it comes
-    (torch.compile's warm-up), is captured the second time, and is replayed from then on: one launch
-    for the whole model, no Python per layer, the lookup and the cache update included."""
+    (torch.compile's warm-up) and is captured right after; from then on it is replayed: one launch for
+    the whole model, no Python per layer, the lookup and the cache update included."""
 
     def __init__(self, model, caches):
         if not all(isinstance(c, ContextMemory) for c in caches):
             raise UsageError("CUDA graphs need the InfLLM or stream caches (full attention grows its cache)")
         self.model, self.caches = model, caches
-        self.graphs, self.seen, self.version = {}, set(), None
+        self.graphs, self.version = {}, None
         self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, tokens, last_only=False):
@@ -49,14 +49,14 @@ class CUDAGraphs:
             c.reserve(c.pos + T)
         version = tuple(c.units.version for c in self.caches if c.use_units)
         if version != self.version:  # storage moved: the graphs point at the old buffers
-            self.graphs, self.seen, self.version = {}, set(), version
+            self.graphs, self.version = {}, version
             self.pool = torch.cuda.graph_pool_handle()  # a pool dies with the last graph that used it
         key = (T, last_only, self.caches[0].plans(T))
-        if key not in self.graphs:
-            if key not in self.seen:
-                self.seen.add(key)
-                return self.model(tokens, self.caches, last_only=last_only)
-            self.graphs[key] = self._capture(tokens, last_only)
+        if key not in self.graphs:  # run it (torch.compile's warm-up), then capture it for the next time
+            state = [c.host_state() for c in self.caches]
+            out = self.model(tokens, self.caches, last_only=last_only)
+            self.graphs[key] = self._capture(tokens, last_only, state)
+            return out
         graph, static_in, static_out = self.graphs[key]
         static_in.copy_(tokens)
         graph.replay()
@@ -64,14 +64,24 @@ class CUDAGraphs:
             c.advance_host(T)
         return static_out  # overwritten by the next call
 
-    def _capture(self, tokens, last_only):
-        state = [c.host_state() for c in self.caches]
-        static_in, graph = tokens.clone(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):  # records the kernels; runs none of them
-            static_out = self.model(static_in, self.caches, last_only=last_only)
-        for c, s in zip(self.caches, state):
+    def _capture(self, tokens, last_only, before):
+        """Record the chunk that just ran from the host counters it started with (before); recording
+        runs no kernel, so the device state stays that of the run, and the host ends where it did."""
+        after = [c.host_state() for c in self.caches]
+        for c, s in zip(self.caches, before):
             c.set_host_state(s)
+        static_in, graph = tokens.clone(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = self.model(static_in, self.caches, last_only=last_only)
+        assert [c.host_state() for c in self.caches] == after
         return graph, static_in, static_out
+
+
+def fast_kernel(device, attention="infllm") -> str:
+    """The chunk attention of --compile: FlexAttention's fused kernels for InfLLM on a GPU; else the
+    compiled blocked kernel (inductor's CPU FlexAttention cannot return the log-sum-exp yet, and with the
+    stream cache's memory part, init tokens alone, inductor 2.11 fails to generate the fused kernel)."""
+    return "flex" if torch.device(device).type == "cuda" and attention == "infllm" else "compiled"
 
 
 def forward_fn(model, caches, graphs=False):
@@ -211,7 +221,7 @@ def run(args) -> dict:
     if not args.no_progress and not args.json:
         from tqdm import tqdm
         progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
-    caches = make_caches(model, args.attention, cfg, kernel="compiled" if args.compile else "blocked")
+    caches = make_caches(model, args.attention, cfg, kernel=fast_kernel(device, args.attention) if args.compile else "blocked")
     # --compile on a GPU also replays the model from CUDA graphs (not for full attention: its cache grows).
     forward = forward_fn(model, caches, graphs=args.compile and device.type == "cuda" and args.attention != "full")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

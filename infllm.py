@@ -121,6 +121,11 @@ class MemoryUnits:
         self.hits = torch.zeros((), dtype=torch.long, device=device)
         self.misses = torch.zeros((), dtype=torch.long, device=device)
         self.version = 0  # bumped when storage is reallocated (captured CUDA graphs hold its addresses)
+        # On a GPU, units load on a stream of their own, beside the local part's attention; the indices
+        # that copy reads sit in buffers of ours, so no later kernel reuses their memory meanwhile.
+        self.loader = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.load_units = torch.zeros(cfg.topk, dtype=torch.long, device=device)
+        self.load_slots = torch.full((cfg.topk,), -1, dtype=torch.long, device=device)
         self.reserve(cfg.topk)
 
     def _host(self, n):
@@ -215,8 +220,15 @@ class MemoryUnits:
             self.pool_k[d] = self.host_k[units]
             self.pool_v[d] = self.host_v[units]
         else:  # GPU: a kernel reads the pinned host rows directly (no host sync, no staging copy)
-            kernels.gather_from_host(self.host_k, units, self.pool_k, dst)
-            kernels.gather_from_host(self.host_v, units, self.pool_v, dst)
+            self.load_units.copy_(units)
+            self.load_slots.copy_(dst)
+            kernels.gather_from_host(self.host_k, self.load_units, self.pool_k, self.load_slots, self.loader)
+            kernels.gather_from_host(self.host_v, self.load_units, self.pool_v, self.load_slots, self.loader)
+
+    def wait_loads(self):
+        """Before the pool is read: the units selected last are in their slots."""
+        if self.loader is not None:
+            kernels.join(self.loader)
 
     def cached_units(self):
         """Units in the pool, least recently used first (for tests and inspection)."""
@@ -241,10 +253,14 @@ class ContextMemory:
     def __init__(self, rope, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device=None, dtype=None,
                  kernel="blocked"):
         self.rope, self.cfg = rope, cfg.check()
-        self.chunk_attention = kernels.CHUNK_ATTENTION[kernel]  # "plain" is the specification
+        # "plain" is the specification; each kernel comes as the local part and the memory part.
+        self.attend_local, self.attend_memory = kernels.CHUNK_ATTENTION[kernel]
         # "compiled": the whole chunk step goes through torch.compile, which fuses its few hundred small
         # kernels (ring writes, rotations, masks, lookup, LRU, retirement, attention) into a few dozen.
-        self.step = kernels.compiled(self._attend_chunk) if kernel == "compiled" else self._attend_chunk
+        # "flex" is compiled on a GPU only: inductor's CPU FlexAttention has no log-sum-exp output yet, so
+        # there it runs unfused (same results, for the tests).
+        fuse = kernel == "compiled" or (kernel == "flex" and torch.device(device or "cpu").type == "cuda")
+        self.step = kernels.compiled(self._attend_chunk) if fuse else self._attend_chunk
         self.n_heads = n_heads
         # A chunk arrives while up to n_local + block_size - 1 recent tokens wait: room for both.
         self.ring = cfg.n_local + cfg.block_size + cfg.exc_block_size
@@ -300,6 +316,11 @@ class ContextMemory:
         self.ring_v.index_copy_(1, new, v)
         self.ring_score.index_fill_(1, new, 0.0)
 
+        # Memory part: all its keys at position 0 and the queries at n_local - 1. The lookup comes
+        # first, so that the selected units load from host memory while the local part is computed.
+        q_mem = self.rope(q, torch.full((T,), N - 1, device=dev))
+        selected = self._select(q_mem)
+
         # Local part: the N tokens before the chunk and the chunk, at window positions 0..N+T-1 (the
         # chunk's queries at the last T); key i holds absolute position pos - N + i (none if negative).
         i = torch.arange(N + T, device=dev)
@@ -307,30 +328,32 @@ class ContextMemory:
         q_local = self.rope(q, N + t)
         k_local = self.rope(self.ring_k[:, window], i)
         mask_local = (i[None, :] > t[:, None]) & (i[None, :] <= N + t[:, None]) & (i >= N - self.pos_d)[None, :]
+        local = self.attend_local(q_local, k_local, self.ring_v[:, window], mask_local)
 
-        # Memory part: all its keys at position 0 and the queries at n_local - 1.
-        q_mem = self.rope(q, torch.full((T,), N - 1, device=dev))
-        k_mem, v_mem, mask_mem, units = self._memory(q_mem)
-
-        out, col_sums = self.chunk_attention(q_local, k_local, self.ring_v[:, window], mask_local,
-                                             q_mem, k_mem, v_mem, mask_mem)
+        k_mem, v_mem, mask_mem, units = self._memory(T, selected)
+        out, col_sums = self.attend_memory(local, q_mem, k_mem, v_mem, mask_mem)
         self.ring_score.index_add_(1, window, col_sums)
         self._retire(take, n_new)
         self.pos_d += T
         return out, units
 
-    def _memory(self, q_mem):
+    def _select(self, q_mem):
+        """The lookup: (units, valid, slots) of the topk units for this chunk, their loads started."""
+        return self.units.lookup(q_mem)
+
+    def _memory(self, T, selected):
         """Keys, values and mask of the memory part: selected units, init tokens, and the far remainder.
         A remainder token is seen by a query more than n_local - 1 tokens after it, so every token is
         seen in exactly one part. (The authors' code lets each chunk see its whole far remainder,
         some of it also through the window; the difference is a few tokens per query.)"""
-        cfg, T, dev = self.cfg, q_mem.shape[1], q_mem.device
+        cfg, dev = self.cfg, self.ring_k.device
         k_init, v_init, mask_init = self._init_part(T)
         # The oldest recent tokens: at most exc_block_size + block_size - 1 of them are out of some
         # query's window.
         far = self.start_d + torch.arange(cfg.exc_block_size + cfg.block_size, device=dev)
         mask_far = (self.pos_d + torch.arange(T, device=dev))[:, None] - far[None, :] >= cfg.n_local
-        units, valid, slots = self.units.lookup(q_mem)
+        units, valid, slots = selected
+        self.units.wait_loads()
         Hkv, B, D = self.units.block
         k_units = self.units.pool_k[slots].transpose(0, 1).reshape(Hkv, -1, D)
         v_units = self.units.pool_v[slots].transpose(0, 1).reshape(Hkv, -1, D)
@@ -416,8 +439,11 @@ class StreamCache(ContextMemory):
 
     use_units = False
 
-    def _memory(self, q_mem):
-        return self._init_part(q_mem.shape[1]) + (None,)
+    def _select(self, q_mem):
+        return None
+
+    def _memory(self, T, selected):
+        return self._init_part(T) + (None,)
 
 
 def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None, kernel: str = "blocked"):

@@ -4,6 +4,10 @@ The plain path below is the specification: short PyTorch that runs on any device
 which every faster path is tested against. Shapes are per sequence (batch 1): queries [Hq, T, D],
 keys and values [Hkv, L, D] with Hq a multiple of Hkv (grouped-query attention: query head h reads
 key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
+
+The fast paths: chunk_attention_blocked (CPU and eager GPU), and on a GPU under torch.compile the FlexAttention
+pair flex_local_part / flex_memory_part with the Triton local_column_sums. At the end, the Triton kernels and
+the copies between pinned host memory and the GPU that ContextMemory's unit storage uses.
 """
 import functools
 import math
@@ -127,6 +131,78 @@ def chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem,
     return out.reshape(Hq, T, D).to(q_local.dtype), col.reshape(Hq, L).float()
 
 
+def chunk_attention_flex(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
+    """chunk_attention as two FlexAttention calls, which under torch.compile on a GPU become fused
+    flash-style kernels: bf16 tensor cores, fp32 softmax, no probability matrix written to memory. Each
+    part returns its log-sum-exp; the two are merged, and the local column sums are recomputed from the
+    merged log-sum-exp (local_column_sums). Same results as chunk_attention up to the rounding of the two
+    parts' outputs to the input dtype before the merge."""
+    return flex_memory_part(flex_local_part(q_local, k_local, v_local, mask_local), q_mem, k_mem, v_mem, mask_mem)
+
+
+def flex_local_part(q_local, k_local, v_local, mask_local):
+    """The first half of chunk_attention_flex: the local part alone (it needs no memory unit, so it can
+    run while the selected units are still being loaded)."""
+    return (q_local, k_local, mask_local) + _flex(q_local, k_local, v_local, mask_local)
+
+
+def flex_memory_part(local, q_mem, k_mem, v_mem, mask_mem):
+    """The second half: the memory part, the merge and the local column sums."""
+    q_local, k_local, mask_local, o_l, lse_l = local
+    if k_mem.shape[1]:
+        o_m, lse_m = _flex(q_mem, k_mem, v_mem, mask_mem)
+        out, lse = merge_parts(o_l.float(), lse_l, o_m.float(), lse_m)
+    else:
+        out, lse = o_l, lse_l
+    return out.to(q_local.dtype), local_column_sums(q_local, k_local, lse.float(), mask_local)
+
+
+def _flex(q, k, v, mask):
+    """One FlexAttention call on [H, n, D] tensors with a [n_q, n_k] boolean mask. Returns the output and
+    the log-sum-exp [Hq, n_q] (-inf for a query that sees no key)."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+    out, aux = flex_attention(q[None], k[None], v[None], block_mask=_every_block(mask),
+                              enable_gqa=q.shape[0] != k.shape[0], return_aux=AuxRequest(lse=True))
+    return out[0], aux.lse[0]
+
+
+def _every_block(mask, block=128):
+    """A BlockMask that visits every block and reads the dense mask inside each. create_block_mask would
+    find the blocks no query sees and skip them, but at a cost of several kernels per call (a reduction
+    and a sort); here the only such blocks are a few far-remainder ones, cheaper to compute than to find."""
+    from torch.nn.attention.flex_attention import BlockMask
+    n_q, n_k = mask.shape
+    rows, cols = -(-n_q // block), -(-n_k // block)
+    count = torch.full((1, 1, rows), cols, dtype=torch.int32, device=mask.device)
+    index = torch.arange(cols, dtype=torch.int32, device=mask.device).expand(1, 1, rows, cols)
+    return BlockMask.from_kv_blocks(count, index, BLOCK_SIZE=block, mask_mod=lambda b, h, t, i: mask[t, i],
+                                    seq_lengths=(n_q, n_k), compute_q_blocks=False)
+
+
+def local_column_sums(q, k, lse, mask):
+    """For every local key, the probability it received from the chunk's queries, given each query's
+    log-sum-exp over both parts: sum_t exp(q_t . k / sqrt(D) - lse_t) over the queries that see it.
+    q [Hq, T, D], k [Hkv, L, D], lse [Hq, T] fp32, mask [T, L] -> [Hq, L] fp32. On a GPU one Triton
+    kernel per key block and head, never writing the [T, L] probabilities."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return _column_sums_cuda(q, k, lse, mask)
+    return torch.exp(_logits(q, k, mask) - lse[..., None]).nan_to_num(0.0).sum(dim=1).float()
+
+
+COLUMN_SUMS_CONFIG = dict(BQ=64, BK=64, num_warps=4, num_stages=3)  # the fastest of 9 tried on an H100
+
+
+def _column_sums_cuda(q, k, lse, mask):
+    (Hq, T, D), L = q.shape, k.shape[1]
+    out = torch.empty(Hq, L, dtype=torch.float32, device=q.device)
+    BK = COLUMN_SUMS_CONFIG["BK"]
+    _column_sums_kernel[(-(-L // BK), Hq)](
+        q.contiguous(), k.contiguous(), lse.contiguous(), mask.contiguous(), out, T, L, D,
+        Hq // k.shape[0], SCALE_LOG2=1.4426950408889634 / math.sqrt(D), BD=max(16, 1 << (D - 1).bit_length()),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **COLUMN_SUMS_CONFIG)
+    return out
+
+
 def pinned_empty(shape, dtype):
     """Page-locked host memory of exactly this size. torch's pinned allocator rounds every block up to a
     power of two and keeps freed blocks for reuse, so 1.07 GB of units would hold 2 GB, and the storage
@@ -142,17 +218,32 @@ def pinned_empty(shape, dtype):
     return t
 
 
+GATHER_SPLIT = 4  # programs per unit in gather_from_host
+
+
 @torch.compiler.disable  # a host address is no tensor: torch.compile calls this as it is
-def gather_from_host(src, rows, dst, dst_rows):
+def gather_from_host(src, rows, dst, dst_rows, stream=None):
     """dst[dst_rows[i]] = src[rows[i]] for every i with dst_rows[i] >= 0, where src lives in pinned host
     memory and the indices on the GPU. A Triton kernel reads the host rows over PCIe itself (pinned
     memory is mapped into the GPU's address space), so the host never has to learn which units were
-    selected: no synchronisation, and the copy queues behind the lookup like any other kernel."""
+    selected: no synchronisation. With a stream, the copy starts there once the work queued so far is
+    done, and runs beside whatever comes next until join(stream)."""
     n = rows.numel()
     if n == 0:
         return
     row = src[0].numel()
-    _gather_kernel()[(n, -(-row // 4096))](src.data_ptr(), rows, dst, dst_rows, row, BLOCK=4096)
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # None: the current stream
+        # A few programs per unit, each looping over its share of the row: a copy that waits on PCIe
+        # holds few of the GPU's cores, so the attention running beside it keeps the rest.
+        _gather_kernel[(n, GATHER_SPLIT)](src.data_ptr(), rows, dst, dst_rows, row, BLOCK=4096, SPLIT=GATHER_SPLIT)
+
+
+@torch.compiler.disable
+def join(stream):
+    """Work queued after this waits for everything queued on stream so far."""
+    torch.cuda.current_stream().wait_stream(stream)
 
 
 @torch.compiler.disable
@@ -163,53 +254,77 @@ def scatter_to_host(src, dst, rows):
     if n == 0:
         return
     row = dst[0].numel()
-    _scatter_kernel()[(n, -(-row // 4096))](src.contiguous(), rows, dst.data_ptr(), row, BLOCK=4096)
+    _scatter_kernel[(n, -(-row // 4096))](src.contiguous(), rows, dst.data_ptr(), row, BLOCK=4096)
 
 
-@functools.cache
-def _scatter_kernel():
+def compiled(fn):
+    """torch.compile for a function called with a few fixed shapes and plans (static ints): each gets its
+    own specialised graph (dynamic=False: a graph generalised over the chunk length would serve the
+    steady 512-query chunks too, with slower kernels), so the limit on recompilations is raised."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=False)
+
+
+def in_one_go(chunk_attention_fn):
+    """A chunk attention as the (local part, memory part) pair that ContextMemory calls: a kernel that
+    treats both parts at once does all its work in the second call."""
+    return (lambda *local: local), (lambda local, *memory: chunk_attention_fn(*local, *memory))
+
+
+# Each entry: (local part, memory part). "compiled": the blocked kernel in one block, which ContextMemory
+# compiles together with the rest of its chunk step (inductor fuses the masking, softmax and column-sum
+# passes over the probabilities). "flex": FlexAttention, compiled with the chunk step on a GPU (fused
+# kernels); on a CPU it runs unfused.
+CHUNK_ATTENTION = {"plain": in_one_go(chunk_attention), "blocked": in_one_go(chunk_attention_blocked),
+                   "compiled": in_one_go(functools.partial(chunk_attention_blocked, block=None)),
+                   "flex": (flex_local_part, flex_memory_part)}
+
+
+# ----------------------------------------------------------------------------- Triton kernels (GPU only)
+
+try:
     import triton
     import triton.language as tl
+except ImportError:  # a CPU build of torch: nothing above calls these without a GPU
+    triton = None
+
+if triton is not None:
 
     @triton.jit
-    def scatter(src, rows, dst_addr, row_numel, BLOCK: tl.constexpr):
+    def _column_sums_kernel(q, k, lse, mask, out, T, L, D, G, SCALE_LOG2: tl.constexpr, BQ: tl.constexpr,
+                            BK: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+        """out[h, i] for BK keys i of query head h: their probabilities summed over the T queries."""
+        kb, h = tl.program_id(0), tl.program_id(1)
+        i = kb * BK + tl.arange(0, BK)
+        d = tl.arange(0, BD)
+        key = tl.load(k + (h // G) * L * D + i[:, None] * D + d[None, :], mask=(i[:, None] < L) & (d[None, :] < D), other=0.0)
+        acc = tl.zeros([BQ, BK], dtype=tl.float32)  # summed over query rows once, at the end
+        for tb in range(tl.cdiv(T, BQ)):
+            t = tb * BQ + tl.arange(0, BQ)
+            query = tl.load(q + h * T * D + t[:, None] * D + d[None, :], mask=(t[:, None] < T) & (d[None, :] < D), other=0.0)
+            s = tl.dot(query, tl.trans(key), input_precision=PRECISION)  # [BQ, BK], fp32
+            z = tl.load(lse + h * T + t, mask=t < T, other=0.0) * 1.4426950408889634  # to log2
+            seen = tl.load(mask + t[:, None] * L + i[None, :], mask=(t[:, None] < T) & (i[None, :] < L), other=False)
+            acc += tl.where(seen, tl.exp2(s * SCALE_LOG2 - z[:, None]), 0.0)
+        tl.store(out + h * L + i, tl.sum(acc, axis=0), mask=i < L)
+
+    @triton.jit
+    def _gather_kernel(src_addr, rows, dst, dst_rows, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+        i, j = tl.program_id(0), tl.program_id(1)
+        d = tl.load(dst_rows + i)
+        if d >= 0:  # hits copy nothing
+            # A host address, mapped for the GPU (Triton passes a small one as int32: widen it first).
+            src = src_addr.to(tl.int64).to(tl.pointer_type(dst.dtype.element_ty)) + tl.load(rows + i) * row_numel
+            for start in range(j * BLOCK, row_numel, SPLIT * BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                x = tl.load(src + offs, mask=offs < row_numel)
+                tl.store(dst + d * row_numel + offs, x, mask=offs < row_numel)
+
+    @triton.jit
+    def _scatter_kernel(src, rows, dst_addr, row_numel, BLOCK: tl.constexpr):
         i, j = tl.program_id(0), tl.program_id(1)
         offs = j * BLOCK + tl.arange(0, BLOCK)
         ok = offs < row_numel
         dst = dst_addr.to(tl.int64).to(tl.pointer_type(src.dtype.element_ty))  # a host address, mapped
         x = tl.load(src + i * row_numel + offs, mask=ok)
         tl.store(dst + tl.load(rows + i) * row_numel + offs, x, mask=ok)
-
-    return scatter
-
-
-@functools.cache
-def _gather_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gather(src_addr, rows, dst, dst_rows, row_numel, BLOCK: tl.constexpr):
-        i, j = tl.program_id(0), tl.program_id(1)
-        d = tl.load(dst_rows + i)
-        offs = j * BLOCK + tl.arange(0, BLOCK)
-        ok = (offs < row_numel) & (d >= 0)  # hits copy nothing
-        # A host address, mapped for the GPU (Triton passes a small one as int32: widen it first).
-        src = src_addr.to(tl.int64).to(tl.pointer_type(dst.dtype.element_ty))
-        x = tl.load(src + tl.load(rows + i) * row_numel + offs, mask=ok)
-        tl.store(dst + d * row_numel + offs, x, mask=ok)
-
-    return gather
-
-
-def compiled(fn):
-    """torch.compile for a function called with a few fixed shapes and plans (static ints): each gets its
-    own specialised graph, so the limit on recompilations is raised to hold them all."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(fn)
-
-
-# "compiled": the blocked kernel in one block, which ContextMemory compiles together with the rest of its
-# chunk step (inductor fuses the masking, softmax and column-sum passes over the probabilities).
-CHUNK_ATTENTION = {"plain": chunk_attention, "blocked": chunk_attention_blocked,
-                   "compiled": functools.partial(chunk_attention_blocked, block=None)}

@@ -1,12 +1,13 @@
 """Speed and memory of prefill and decoding on random weights (speed does not depend on the values).
 
     python scripts/bench.py --shape mistral-7b --lengths 32K,128K --decode 64 [--attention infllm|full|stream]
-                            [--repeats N] [--json] [--device cuda] [--kernel blocked|plain]
+                            [--repeats N] [--json] [--device cuda] [--kernel blocked|plain|compiled|flex] [--graphs]
 
 Reports per length: prefill tokens/s, decode tokens/s, peak GPU GiB, peak host RSS GiB and the
 unit-cache hit rate, each the median over the repeats (see docs/benchmarks.md for measured figures).
 """
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -18,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate import decode, forward_fn, peak_rss_gib, pick_device, prefill, UsageError  # noqa: E402
 from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
+from kernels import CHUNK_ATTENTION  # noqa: E402
 from model import DTYPES, ModelArgs, random_model  # noqa: E402
 
 SHAPES = {  # ../shared/BENCHMARKS.md
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--infllm", default="", help="InfLLM settings key=value,...")
-    p.add_argument("--kernel", choices=["blocked", "plain", "compiled"], default="blocked")
+    p.add_argument("--kernel", choices=list(CHUNK_ATTENTION), default="blocked")
     p.add_argument("--graphs", action="store_true", help="replay the forward from CUDA graphs (GPU, infllm/stream)")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: chunk_size of the InfLLM settings)")
     p.add_argument("--json", action="store_true")
@@ -96,8 +98,11 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # exact for bf16 inputs: TF32 holds their mantissas
     model = random_model(SHAPES[args.shape], device=device, dtype=dtype)
+    if args.kernel in ("compiled", "flex"):
+        model.compile_blocks()  # as generate.py --compile does
     rows = []
     for n in lengths:
+        caches = forward = None  # before the next length's storage is allocated
         caches, forward = setup(model, args.attention, cfg, args.kernel, args.graphs)
         runs = [measure(model, caches, forward, args.chunk or cfg.chunk_size, n, args.decode, device, seed=r) for r in range(args.repeats)]
         med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
@@ -117,14 +122,15 @@ def main(argv=None) -> int:
             print(f"{args.shape} {args.attention} {n:>8} tokens: prefill {row['prefill_tok_s']:9.0f} tok/s, "
                   f"decode {row['decode_tok_s']:7.2f} tok/s, peak GPU {gpu}, peak RSS {row['peak_rss_gib']:.1f} GiB, "
                   f"unit-cache hit rate {hit}", flush=True)
-    if args.profile:
-        profile(model, *setup(model, args.attention, cfg, args.kernel, args.graphs), args.chunk or cfg.chunk_size, lengths[0], device)
+    if args.profile:  # the last length again, in the warm caches (compiled, graphs captured)
+        profile(model, caches, forward, args.chunk or cfg.chunk_size, lengths[-1], device)
     return 0
 
 
 def setup(model, attention, cfg, kernel, graphs):
     """Caches kept over the repeats (reset between them), so CUDA graphs captured in one are replayed
     in the next, as they are for every prompt after the first in a long-running process."""
+    gc.collect()  # a compiled step holds its cache in a reference cycle: free the last length's storage now
     caches = make_caches(model, attention, cfg, kernel)
     return caches, forward_fn(model, caches, graphs=graphs)
 
@@ -143,7 +149,7 @@ def profile(model, caches, forward, chunk, length, device):
             logits = work()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        print(f"== {name} ==\n" + prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+        print(f"== {name} ==\n" + prof.key_averages().table(sort_by=key, row_limit=40), flush=True)
 
 
 if __name__ == "__main__":

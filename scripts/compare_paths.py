@@ -1,6 +1,6 @@
 """Run one passkey prompt through two attention kernels and compare the greedy tokens.
 
-    python scripts/compare_paths.py --ckpt DIR --length 32K [--kernels plain,compiled,graphs] [--depth 0.5]
+    python scripts/compare_paths.py --ckpt DIR --length 32K [--kernels plain,flex+graphs] [--depth 0.5]
 
 The fast path must give the plain path's answer on a real model and a real prompt, not only on random
 tensors; the seconds per prompt are printed beside it.
@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--length", default="32K")
     p.add_argument("--depth", type=float, default=0.5)
     p.add_argument("--key", type=int, default=71432)
-    p.add_argument("--kernels", default="plain,graphs", help="plain, blocked, compiled, or graphs (compiled + CUDA graphs)")
+    p.add_argument("--kernels", default="plain,flex+graphs",
+                   help="plain, blocked, compiled or flex (kernels.CHUNK_ATTENTION); KERNEL+graphs replays CUDA graphs")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--infllm", default="")
@@ -40,9 +41,9 @@ def main(argv=None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     answers = {}
     for name in args.kernels.split(","):
-        kernel = "compiled" if name == "graphs" else name  # graphs: compiled and replayed from CUDA graphs
+        kernel, _, graphs = name.partition("+")  # KERNEL+graphs: replayed from CUDA graphs
         caches = make_caches(model, "infllm", cfg, kernel)
-        forward = forward_fn(model, caches, graphs=name == "graphs")
+        forward = forward_fn(model, caches, graphs=graphs == "graphs")
         for c in caches:
             c.reserve(len(ids) + args.new_tokens)  # now, so that no later growth drops captured graphs
         if device.type == "cuda":  # compile, capture and warm up on a short prompt, outside the timing

@@ -34,7 +34,7 @@ def test_gather_from_host_reads_pinned_rows():
     assert torch.equal(dst.cpu(), expect)
 
 
-@pytest.mark.parametrize("kernel", ["blocked", "compiled"])
+@pytest.mark.parametrize("kernel", ["blocked", "compiled", "flex"])
 def test_fast_path_equals_plain_path(kernel):
     cpu_model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0)
     model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
@@ -62,13 +62,13 @@ def test_bf16_fast_path_close_to_fp32_plain():
     assert (a - b).abs().max() < 0.1 * a.abs().max()
 
 
-@pytest.mark.parametrize("attention", ["infllm", "stream"])
-def test_cuda_graphs_replay_the_same_forward(attention):
+@pytest.mark.parametrize("attention, kernel", [("infllm", "compiled"), ("infllm", "flex"), ("stream", "compiled")])
+def test_cuda_graphs_replay_the_same_forward(attention, kernel):
     """Chunks replayed from CUDA graphs give the logits, selections and statistics of running them, over
     several prompts in the same caches (reset between them) so that every kind of chunk is replayed."""
     from generate import forward_fn
     model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
-    eager, graphed = make_caches(model, attention, SMALL, "compiled"), make_caches(model, attention, SMALL, "compiled")
+    eager, graphed = make_caches(model, attention, SMALL, kernel), make_caches(model, attention, SMALL, kernel)
     graphs = forward_fn(model, graphed, graphs=True)
     for seed in range(3):
         torch.manual_seed(seed)

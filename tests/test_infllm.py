@@ -149,7 +149,7 @@ def test_default_knobs_equal_full_attention_below_the_window(model64):
 
 
 @pytest.mark.parametrize("attention", ["infllm", "stream"])
-@pytest.mark.parametrize("seed, kernel", [(0, "plain"), (1, "blocked"), (2, "blocked")])
+@pytest.mark.parametrize("seed, kernel", [(0, "plain"), (1, "blocked"), (2, "blocked"), (3, "flex")])
 def test_matches_dense_oracle_with_evictions(model64, attention, seed, kernel):
     prompt, dec = tokens(150, 10 + seed), tokens(24, 20 + seed)
     caches = make_caches(model64, attention, SMALL, kernel=kernel)
@@ -160,12 +160,13 @@ def test_matches_dense_oracle_with_evictions(model64, attention, seed, kernel):
     ref = run(model64, oracles, prompt, SMALL.chunk_size, dec)
     far = (ours[0, -1] - run(model64, make_caches(model64, "full"), prompt, 150, dec)[0, -1]).abs().max()
     assert far > 1e-3, "the prompt must be long enough for the memory to matter"
-    assert (ours - ref).abs().max() < 1e-9
+    exact = kernel != "flex"  # unfused FlexAttention on a CPU is good to about 1e-7, not 1e-12
+    assert (ours - ref).abs().max() < (1e-9 if exact else 1e-6)
     if attention == "infllm":
         for c, o in zip(caches, oracles):
             assert c.trace == o.selections
             assert c.units.count == len(o.reprs)
-            assert torch.allclose(c.units.reprs[:c.units.count], torch.stack(o.reprs), atol=1e-12)
+            assert torch.allclose(c.units.reprs[:c.units.count], torch.stack(o.reprs), atol=1e-12 if exact else 1e-6)
         assert any(len(s) == SMALL.topk and len(o.reprs) > SMALL.topk for o in oracles for s in o.selections)
         stats = memory_stats(caches)
         assert stats["misses"] > 0 and stats["hits"] > 0
