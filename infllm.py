@@ -4,7 +4,7 @@ A cache object per layer stands behind one interface, attend(q, k, v) -> output,
   - FullCache: every past token at its true position (the model as trained; quadratic).
   - StreamCache: the first n_init tokens and a local window of n_local (StreamingLLM / LM-Infinite).
   - ContextMemory: InfLLM. Every query attends to
-      the local window  - the last n_local tokens, rotated at their positions inside the window;
+      the local window  - the last n_local tokens, at their true distances from the query;
       the memory        - the n_init initial tokens, the topk memory units (blocks of block_size older
                           tokens) most relevant to the current chunk, and far tokens not yet cut into a
                           unit, all with unrotated keys and queries rotated at position n_local - 1, so
@@ -13,6 +13,7 @@ A cache object per layer stands behind one interface, attend(q, k, v) -> output,
     per layer sit in a device pool kept by least-recent use.
 The semantics follow ../shared/INFLLM.md; where the authors' code differs it is said below.
 """
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -123,9 +124,14 @@ class MemoryUnits:
         self.version = 0  # bumped when storage is reallocated (captured CUDA graphs hold its addresses)
         # On a GPU, units load on a stream of their own, beside the local part's attention; the indices
         # that copy reads sit in buffers of ours, so no later kernel reuses their memory meanwhile.
+        # New units are written back to host memory on that stream too, from staging buffers of ours.
         self.loader = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.load_units = torch.zeros(cfg.topk, dtype=torch.long, device=device)
         self.load_slots = torch.full((cfg.topk,), -1, dtype=torch.long, device=device)
+        most = (cfg.exc_block_size + cfg.block_size - 1) // cfg.block_size  # new units of one chunk, at most
+        self.stage_k = torch.zeros(most, *self.block, device=device, dtype=dtype) if self.loader else None
+        self.stage_v = torch.zeros_like(self.stage_k) if self.loader else None
+        self.stage_rows = torch.zeros(most, dtype=torch.long, device=device)
         self.reserve(cfg.topk)
 
     def _host(self, n):
@@ -152,9 +158,12 @@ class MemoryUnits:
         if self.host_k.device == k_blocks.device:
             self.host_k.index_copy_(0, rows, k_blocks)
             self.host_v.index_copy_(0, rows, v_blocks)
-        else:  # device -> pinned host, written by a kernel: the rows are known on the device only
-            kernels.scatter_to_host(k_blocks, self.host_k, rows)
-            kernels.scatter_to_host(v_blocks, self.host_v, rows)
+        else:  # device -> pinned host, written by a kernel (the rows are known on the device only) on
+            # the side stream; the staging buffers are next overwritten after the next join_copies().
+            self.stage_k[:n].copy_(k_blocks)
+            self.stage_v[:n].copy_(v_blocks)
+            self.stage_rows[:n].copy_(rows)
+            self._start_write_back(n)
         self.reprs.index_copy_(0, rows, reprs)
         self.n += n
 
@@ -164,8 +173,9 @@ class MemoryUnits:
         if cap <= self.capacity:
             return
         cap = max(cap, 2 * self.capacity)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # pending writes into the old storage
+        if self.device.type == "cuda":  # pending writes into the old storage, on both streams
+            torch.cuda.current_stream(self.device).synchronize()
+            self.loader.synchronize()
         for name in ("host_k", "host_v"):
             new = self._host(cap)
             new[:self.count] = getattr(self, name)[:self.count]
@@ -222,11 +232,25 @@ class MemoryUnits:
         else:  # GPU: a kernel reads the pinned host rows directly (no host sync, no staging copy)
             self.load_units.copy_(units)
             self.load_slots.copy_(dst)
-            kernels.gather_from_host(self.host_k, self.load_units, self.pool_k, self.load_slots, self.loader)
-            kernels.gather_from_host(self.host_v, self.load_units, self.pool_v, self.load_slots, self.loader)
+            self._start_loads()
 
-    def wait_loads(self):
-        """Before the pool is read: the units selected last are in their slots."""
+    # The side stream is used only in the three methods below, which torch.compile leaves as they are: a
+    # CUDA stream object traced through the compiled chunk step crashed PyTorch 2.11's dynamo.
+
+    @torch.compiler.disable
+    def _start_loads(self):
+        kernels.gather_from_host(self.host_k, self.load_units, self.pool_k, self.load_slots, self.loader)
+        kernels.gather_from_host(self.host_v, self.load_units, self.pool_v, self.load_slots, self.loader)
+
+    @torch.compiler.disable
+    def _start_write_back(self, n):
+        kernels.scatter_to_host(self.stage_k[:n], self.host_k, self.stage_rows[:n], self.loader)
+        kernels.scatter_to_host(self.stage_v[:n], self.host_v, self.stage_rows[:n], self.loader)
+
+    @torch.compiler.disable
+    def join_copies(self):
+        """Work queued after this waits for the unit copies queued so far on the side stream: before the
+        pool is read (the selected units are in their slots), and at the end of a layer's forward."""
         if self.loader is not None:
             kernels.join(self.loader)
 
@@ -259,13 +283,19 @@ class ContextMemory:
         # kernels (ring writes, rotations, masks, lookup, LRU, retirement, attention) into a few dozen.
         # "flex" is compiled on a GPU only: inductor's CPU FlexAttention has no log-sum-exp output yet, so
         # there it runs unfused (same results, for the tests).
+        # The compiled step is one function for every layer, called with the layer: a compiled bound method
+        # kept on self would tie self to itself, and its pinned storage would wait for the cycle collector.
         fuse = kernel == "compiled" or (kernel == "flex" and torch.device(device or "cpu").type == "cuda")
-        self.step = kernels.compiled(self._attend_chunk) if fuse else self._attend_chunk
+        self.step = _compiled_step() if fuse else type(self)._attend_chunk
         self.n_heads = n_heads
         # A chunk arrives while up to n_local + block_size - 1 recent tokens wait: room for both.
         self.ring = cfg.n_local + cfg.block_size + cfg.exc_block_size
         self.ring_k = torch.zeros(n_kv_heads, self.ring, head_dim, device=device, dtype=dtype)
         self.ring_v = torch.zeros_like(self.ring_k)
+        # The same keys rotated once, at their absolute positions, for the local part: its queries are
+        # rotated at theirs, and attention sees only the distance between the two, the same as at the
+        # window positions of the reference. So the window is neither gathered nor re-rotated per chunk.
+        self.ring_kr = torch.zeros_like(self.ring_k)
         self.ring_score = torch.zeros(n_heads, self.ring, device=device)  # local score per query head, fp32
         self.init_k = torch.zeros(n_kv_heads, cfg.n_init, head_dim, device=device, dtype=dtype)
         self.init_v = torch.zeros_like(self.init_k)
@@ -297,11 +327,13 @@ class ContextMemory:
             plan = self.plan(min(exc, q.shape[2] - s))
             if self.use_units:
                 self.units.reserve(self.units.count + plan[2])
-            out, units = self.step(q[0, :, s:s + exc], k[0, :, s:s + exc], v[0, :, s:s + exc], plan)
+            out, units = self.step(self, q[0, :, s:s + exc], k[0, :, s:s + exc], v[0, :, s:s + exc], plan)
             if self.trace is not None and self.use_units and self.units.count:
                 self.trace.append(units[:self.units.count].tolist())
             self.advance(plan)
             outs.append(out)
+        if self.use_units:
+            self.units.join_copies()  # the last write-back: a CUDA graph must end with its streams joined
         return torch.cat(outs, dim=1)[None]
 
     def _attend_chunk(self, q, k, v, plan):
@@ -313,6 +345,7 @@ class ContextMemory:
         t = torch.arange(T, device=dev)
         new = (self.pos_d + t) % R
         self.ring_k.index_copy_(1, new, k)
+        self.ring_kr.index_copy_(1, new, self.rope(k, self.pos_d + t))
         self.ring_v.index_copy_(1, new, v)
         self.ring_score.index_fill_(1, new, 0.0)
 
@@ -321,18 +354,18 @@ class ContextMemory:
         q_mem = self.rope(q, torch.full((T,), N - 1, device=dev))
         selected = self._select(q_mem)
 
-        # Local part: the N tokens before the chunk and the chunk, at window positions 0..N+T-1 (the
-        # chunk's queries at the last T); key i holds absolute position pos - N + i (none if negative).
-        i = torch.arange(N + T, device=dev)
-        window = (self.pos_d - N + i) % R
-        q_local = self.rope(q, N + t)
-        k_local = self.rope(self.ring_k[:, window], i)
-        mask_local = (i[None, :] > t[:, None]) & (i[None, :] <= N + t[:, None]) & (i >= N - self.pos_d)[None, :]
-        local = self.attend_local(q_local, k_local, self.ring_v[:, window], mask_local)
+        # Local part: each query sees the n_local tokens up to itself. The ring is read in place, in
+        # slot order (attention does not depend on the order of its keys); slot s holds the latest
+        # position p = s (mod R) written so far, never written while p is negative.
+        at = self.pos_d + t
+        last = self.pos_d + T - 1
+        p = last - (last - torch.arange(R, device=dev)) % R
+        mask_local = (p[None, :] <= at[:, None]) & (p[None, :] > at[:, None] - N) & (p >= 0)[None, :]
+        local = self.attend_local(self.rope(q, at), self.ring_kr, self.ring_v, mask_local)
 
         k_mem, v_mem, mask_mem, units = self._memory(T, selected)
         out, col_sums = self.attend_memory(local, q_mem, k_mem, v_mem, mask_mem)
-        self.ring_score.index_add_(1, window, col_sums)
+        self.ring_score += col_sums
         self._retire(take, n_new)
         self.pos_d += T
         return out, units
@@ -353,7 +386,7 @@ class ContextMemory:
         far = self.start_d + torch.arange(cfg.exc_block_size + cfg.block_size, device=dev)
         mask_far = (self.pos_d + torch.arange(T, device=dev))[:, None] - far[None, :] >= cfg.n_local
         units, valid, slots = selected
-        self.units.wait_loads()
+        self.units.join_copies()
         Hkv, B, D = self.units.block
         k_units = self.units.pool_k[slots].transpose(0, 1).reshape(Hkv, -1, D)
         v_units = self.units.pool_v[slots].transpose(0, 1).reshape(Hkv, -1, D)
@@ -444,6 +477,11 @@ class StreamCache(ContextMemory):
 
     def _memory(self, T, selected):
         return self._init_part(T) + (None,)
+
+
+@functools.cache
+def _compiled_step():
+    return kernels.compiled(ContextMemory._attend_chunk)
 
 
 def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None, kernel: str = "blocked"):

@@ -161,22 +161,32 @@ def _flex(q, k, v, mask):
     """One FlexAttention call on [H, n, D] tensors with a [n_q, n_k] boolean mask. Returns the output and
     the log-sum-exp [Hq, n_q] (-inf for a query that sees no key)."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
-    out, aux = flex_attention(q[None], k[None], v[None], block_mask=_every_block(mask),
+    out, aux = flex_attention(q[None], k[None], v[None], block_mask=block_mask(mask),
                               enable_gqa=q.shape[0] != k.shape[0], return_aux=AuxRequest(lse=True))
     return out[0], aux.lse[0]
 
 
-def _every_block(mask, block=128):
-    """A BlockMask that visits every block and reads the dense mask inside each. create_block_mask would
-    find the blocks no query sees and skip them, but at a cost of several kernels per call (a reduction
-    and a sort); here the only such blocks are a few far-remainder ones, cheaper to compute than to find."""
+def block_mask(mask, block=128):
+    """FlexAttention's view of a dense [n_q, n_k] mask, made on the device without a host sync: a block of
+    keys that no query of a query block sees is skipped, one that every query sees is "full" (no mask read
+    inside: most of the window and of the units), the rest read the dense mask. create_block_mask would
+    call the mask function on every element instead of reducing the mask we already have."""
     from torch.nn.attention.flex_attention import BlockMask
     n_q, n_k = mask.shape
     rows, cols = -(-n_q // block), -(-n_k // block)
-    count = torch.full((1, 1, rows), cols, dtype=torch.int32, device=mask.device)
-    index = torch.arange(cols, dtype=torch.int32, device=mask.device).expand(1, 1, rows, cols)
-    return BlockMask.from_kv_blocks(count, index, BLOCK_SIZE=block, mask_mod=lambda b, h, t, i: mask[t, i],
-                                    seq_lengths=(n_q, n_k), compute_q_blocks=False)
+    # Padding: keys past n_k are never seen; queries past n_q don't count (their output is dropped).
+    m = F.pad(mask, (0, cols * block - n_k)).view(n_q, cols, block)
+    seen = m.any(2)
+    seen = F.pad(seen, (0, 0, 0, rows * block - n_q), value=False).view(rows, block, cols).any(1)
+    full = F.pad(m.all(2), (0, 0, 0, rows * block - n_q), value=True).view(rows, block, cols).all(1)
+
+    def listed(b):  # the blocks where b holds first, in an index of fixed size (flex reads only the count)
+        count = b.sum(-1, dtype=torch.int32)
+        return count[None, None], b.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(*listed(seen & ~full), *listed(full), BLOCK_SIZE=block,
+                                    mask_mod=lambda b, h, t, i: mask[t, i], seq_lengths=(n_q, n_k),
+                                    compute_q_blocks=False)
 
 
 def local_column_sums(q, k, lse, mask):
@@ -218,7 +228,7 @@ def pinned_empty(shape, dtype):
     return t
 
 
-GATHER_SPLIT = 4  # programs per unit in gather_from_host
+GATHER_SPLIT = 4  # programs per unit in gather_from_host and scatter_to_host
 
 
 @torch.compiler.disable  # a host address is no tensor: torch.compile calls this as it is
@@ -247,14 +257,18 @@ def join(stream):
 
 
 @torch.compiler.disable
-def scatter_to_host(src, dst, rows):
+def scatter_to_host(src, dst, rows, stream=None):
     """dst[rows[i]] = src[i], where dst lives in pinned host memory and src and rows on the GPU: the
-    write-back twin of gather_from_host. New units go to host storage at rows only the device knows."""
+    write-back twin of gather_from_host. New units go to host storage at rows only the device knows. With a
+    stream, as in gather_from_host: src and rows must stay untouched until join(stream)."""
     n = src.shape[0]
     if n == 0:
         return
     row = dst[0].numel()
-    _scatter_kernel[(n, -(-row // 4096))](src.contiguous(), rows, dst.data_ptr(), row, BLOCK=4096)
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _scatter_kernel[(n, GATHER_SPLIT)](src.contiguous(), rows, dst.data_ptr(), row, BLOCK=4096, SPLIT=GATHER_SPLIT)
 
 
 def compiled(fn):
@@ -321,10 +335,11 @@ if triton is not None:
                 tl.store(dst + d * row_numel + offs, x, mask=offs < row_numel)
 
     @triton.jit
-    def _scatter_kernel(src, rows, dst_addr, row_numel, BLOCK: tl.constexpr):
+    def _scatter_kernel(src, rows, dst_addr, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
         i, j = tl.program_id(0), tl.program_id(1)
-        offs = j * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < row_numel
-        dst = dst_addr.to(tl.int64).to(tl.pointer_type(src.dtype.element_ty))  # a host address, mapped
-        x = tl.load(src + i * row_numel + offs, mask=ok)
-        tl.store(dst + tl.load(rows + i) * row_numel + offs, x, mask=ok)
+        # A host address, mapped for the GPU.
+        dst = dst_addr.to(tl.int64).to(tl.pointer_type(src.dtype.element_ty)) + tl.load(rows + i) * row_numel
+        for start in range(j * BLOCK, row_numel, SPLIT * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(src + i * row_numel + offs, mask=offs < row_numel)
+            tl.store(dst + offs, x, mask=offs < row_numel)

@@ -103,8 +103,10 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., T, head_dim] to positions pos [T] (Hugging Face's half-split layout)."""
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 angles as the reference; fp64 stays fp64
-        freqs = pos.to(acc)[:, None] * self.inv_freq.to(acc)[None, :]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        # Angles in float64, reduced to one turn: InfLLM's window keys sit at their absolute positions, and
+        # at position 1M a float32 angle is off by up to 0.03 rad. (The product is exact: inv_freq is fp32.)
+        freqs = ((pos.double()[:, None] * self.inv_freq.double()[None, :]) % (2 * math.pi)).to(acc)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
         x1, x2 = x.chunk(2, dim=-1)

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
 def setup(model, attention, cfg, kernel, graphs):
     """Caches kept over the repeats (reset between them), so CUDA graphs captured in one are replayed
     in the next, as they are for every prompt after the first in a long-running process."""
-    gc.collect()  # a compiled step holds its cache in a reference cycle: free the last length's storage now
+    gc.collect()  # whatever of the last length's caches only cycles still hold: free before allocating anew
     caches = make_caches(model, attention, cfg, kernel)
     return caches, forward_fn(model, caches, graphs=graphs)
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from generate import UsageError, decode, load, pick_device, prefill  # noqa: E402
+from generate import UsageError, decode, fast_kernel, forward_fn, load, pick_device, prefill  # noqa: E402
 from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
 from model import DTYPES, CheckpointError  # noqa: E402
 from tokenizer import TokenizerError, chat_prompt  # noqa: E402
@@ -180,6 +180,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    p.add_argument("--compile", action="store_true",
+                   help="as generate.py --compile: compiled steps, and CUDA graphs on a GPU (the first trial of each length pays the compilation)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--full-max-length", default="16K", help="skip full attention above this length (quadratic)")
     p.add_argument("--out", default=None, help="JSON lines file, one line per trial")
@@ -232,6 +234,8 @@ def settings_of(args, mode) -> dict:
                                                                "chunk_size": args.cfg.chunk_size}
     else:
         s["chunk_size"] = args.cfg.chunk_size
+    if args.compile:  # the same arithmetic up to rounding, but told apart (a resumed sweep does not mix them)
+        s["compile"] = True
     return s
 
 
@@ -250,13 +254,25 @@ def read_records(path) -> list[dict]:
     return out
 
 
+def compiled_runner(model, mode, cfg, device):
+    """The caches and forward of --compile for one mode, kept for the whole sweep: the caches are reset
+    between trials, so the compiled steps and the CUDA graphs serve every trial of a length."""
+    caches = make_caches(model, mode, cfg, kernel=fast_kernel(device, mode))
+    return caches, forward_fn(model, caches, graphs=device.type == "cuda" and mode != "full")
+
+
 @torch.no_grad()
-def run_trial(model, tok, ids, key, mode, cfg, device) -> dict:
+def run_trial(model, tok, ids, key, mode, cfg, device, runner=None) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    caches = make_caches(model, mode, cfg)
-    logits = prefill(model, caches, ids, cfg.chunk_size)
-    new = decode(model, caches, logits, MAX_NEW_TOKENS, stop_ids=set(tok.eos_ids))
+    if runner is None:
+        caches, forward = make_caches(model, mode, cfg), None
+    else:
+        caches, forward = runner
+        for c in caches:
+            c.reset()
+    logits = prefill(model, caches, ids, cfg.chunk_size, forward=forward)
+    new = decode(model, caches, logits, MAX_NEW_TOKENS, stop_ids=set(tok.eos_ids), forward=forward)
     sync()
     answer = tok.decode(new)
     return {"found": found(answer, key), "answer": answer, "seconds": round(time.perf_counter() - t0, 3),
@@ -268,6 +284,7 @@ def sweep(args, records: list[dict], write) -> None:
     done = {ident(r) for r in records}
     keys = trial_keys(args.seed, args.trials)
     model = tok = wrap = None
+    runners = {}  # --compile: mode -> (caches, forward)
     for length in args.lengths:
         for depth in sorted({d for m in args.modes for d in args.mode_depths[m]}):
             for trial, key in enumerate(keys):
@@ -285,11 +302,15 @@ def sweep(args, records: list[dict], write) -> None:
                     else:
                         if model is None:  # loaded only when some trial needs it (a resumed sweep may be done)
                             model, tok = load(args.ckpt, device, DTYPES[args.dtype_name])
+                            if args.compile:
+                                model.compile_blocks()
                             wrap = chat_wrap(args.ckpt, tok) if args.chat else ("", "")
                         if ids is None:
                             ids = build_prompt(tok, length, depth, key, wrap)
                         rec["prompt_tokens"] = len(ids)
-                        rec.update(run_trial(model, tok, ids, key, mode, args.cfg, device))
+                        if args.compile and mode not in runners:
+                            runners[mode] = compiled_runner(model, mode, args.cfg, device)
+                        rec.update(run_trial(model, tok, ids, key, mode, args.cfg, device, runners.get(mode)))
                         print(f"{mode:6} {length_label(length):>5} ({len(ids)} tok) depth {depth:.2f} trial {trial}: "
                               f"{'found' if rec['found'] else 'MISSED'} {rec['answer']!r} (key {key}), "
                               f"{rec['seconds']:.1f} s", file=sys.stderr, flush=True)

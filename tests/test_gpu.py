@@ -1,9 +1,14 @@
 """The GPU fast path against the plain path on the GPU (skipped where there is no CUDA device)."""
+import functools
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from infllm import InfLLMConfig, make_caches, memory_stats
 from model import ModelArgs, random_model
+from test_kernels import window_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -98,3 +103,77 @@ def test_pinned_storage_is_mapped_for_the_gpu():
     kernels.scatter_to_host(back, src, torch.tensor([4, 0], device="cuda"))
     torch.cuda.synchronize()
     assert torch.equal(src[4], back[0].cpu()) and torch.equal(src[0], back[1].cpu())
+
+
+# Property tests of the fused kernels on fresh random inputs (hypothesis), in bf16 against the plain path
+# in float64 on the same (rounded) inputs. Each FlexAttention shape costs a compilation, so the shapes come
+# from a short list (a steady prefill piece, a ragged last piece, a decoding step) and the values are new
+# every example.
+
+FLEX_SHAPES = [dict(n_kv=2, group=4, T=512, N=1024, units=4, D=128), dict(n_kv=2, group=4, T=505, N=4096, units=2, D=64),
+               dict(n_kv=2, group=4, T=1, N=4096, units=4, D=64)]
+
+
+@functools.cache
+def fused_flex():
+    import kernels
+    return torch.compile(kernels.chunk_attention_flex, dynamic=False)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.sampled_from(FLEX_SHAPES), st.integers(0, 2000), st.integers(0, 128), st.integers(0, 2**16))
+def test_fused_flex_equals_plain(shape, pos, held, seed):
+    import kernels
+    args = window_case(dict(shape, pos=pos, held=held, seed=seed), dtype=torch.bfloat16, device="cuda", D=shape["D"])
+    out, col = fused_flex()(*args)
+    ref_out, ref_col = kernels.chunk_attention(*(a.double() if a.is_floating_point() else a for a in args))
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    assert torch.allclose(col.double(), ref_col.double(), atol=2e-3, rtol=2e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 700), st.sampled_from([16, 64, 128]), st.sampled_from([1, 4]),
+       st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
+def test_column_sums_kernel_equals_plain(T, L, D, group, dtype, seed):
+    import kernels
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2 * group, T, D, generator=g), torch.randn(2, L, D, generator=g)
+    mask = torch.rand(T, L, generator=g) > 0.3
+    lse = torch.logsumexp(kernels._logits(q.double(), k.double(), mask), -1) + torch.rand(2 * group, T, generator=g)
+    lse = torch.where(mask.any(1), lse, float("inf"))  # a query that sees nothing adds nothing
+    ref = torch.exp(kernels._logits(q.to(dtype).double(), k.to(dtype).double(), mask) - lse[..., None])
+    ref = ref.nan_to_num(0.0).sum(1)
+    got = kernels.local_column_sums(q.to("cuda", dtype), k.to("cuda", dtype), lse.float().cuda(), mask.cuda())
+    assert torch.allclose(got.double().cpu(), ref, atol=1e-3, rtol=1e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 40), st.integers(1, 9000), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(0, 2**16))
+def test_host_copies_move_the_rows_asked(n, stored, row, dtype, seed):
+    """gather_from_host and scatter_to_host on random rows (hits marked -1 copy nothing), on a side stream."""
+    import kernels
+    g = torch.Generator().manual_seed(seed)
+    host = kernels.pinned_empty((stored, row), dtype)
+    host.copy_(torch.randn(stored, row, generator=g))
+    before = host.clone()
+    slots = n + 2
+    pool = torch.zeros(slots, row, device="cuda", dtype=dtype)
+    units = torch.randint(0, stored, (n,), generator=g)
+    dst = torch.randperm(slots, generator=g)[:n]
+    dst = torch.where(torch.rand(n, generator=g) < 0.3, -1, dst)
+    side = torch.cuda.Stream()
+    kernels.gather_from_host(host, units.cuda(), pool, dst.cuda(), side)
+    kernels.join(side)
+    expect = torch.zeros(slots, row, dtype=dtype)
+    for u, d in zip(units.tolist(), dst.tolist()):
+        if d >= 0:
+            expect[d] = before[u]
+    assert torch.equal(pool.cpu(), expect)
+    rows = torch.randperm(stored, generator=g)[:min(n, stored)]
+    new = torch.randn(len(rows), row, generator=g).to("cuda", dtype)
+    kernels.scatter_to_host(new, host, rows.cuda(), side)
+    side.synchronize()
+    before[rows] = new.cpu()
+    assert torch.equal(host, before)

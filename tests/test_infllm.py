@@ -306,3 +306,20 @@ def test_compiled_chunk_step_equals_plain_path_on_cpu():
     assert (a - b).abs().max() < 1e-4
     assert [c.trace for c in plain] == [c.trace for c in fast]
     assert memory_stats(plain) == memory_stats(fast) and memory_stats(fast)["misses"] > 0
+
+
+@pytest.mark.parametrize("kernel", ["plain", "compiled"])
+def test_caches_are_freed_without_the_cycle_collector(model64, kernel):
+    """A cache holds a prompt's worth of (pinned) unit storage: it must go as soon as its last reference
+    does, not when Python's cycle collector next runs, or a second prompt's caches double the memory."""
+    import gc
+    import weakref
+    gc.collect()
+    gc.disable()
+    try:
+        caches = make_caches(model64, "infllm", SMALL, kernel)
+        refs = [weakref.ref(c) for c in caches] + [weakref.ref(c.units.host_k) for c in caches]
+        del caches
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()

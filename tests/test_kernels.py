@@ -74,6 +74,53 @@ def test_flex_kernel_equals_plain(p):
     assert torch.allclose(a_out, b_out, atol=1e-6) and torch.allclose(a_col, b_col, atol=1e-6)
 
 
+windows = st.fixed_dictionaries({
+    "n_kv": st.integers(1, 2), "group": st.sampled_from([1, 3]), "T": st.integers(1, 300),
+    "N": st.integers(1, 400), "pos": st.integers(0, 900), "units": st.integers(0, 3), "held": st.integers(0, 128),
+    "seed": st.integers(0, 2**16),
+})
+
+
+def window_case(p, dtype=torch.float64, device="cpu", D=16):
+    """Masks shaped like ContextMemory's, at FlexAttention's block scale (128): a band over the window
+    (most of its blocks seen by every query), units that are valid or not as a whole, init tokens held,
+    and a far remainder that some queries see."""
+    g = torch.Generator().manual_seed(p["seed"])
+    Hq, Hkv, T, N = p["n_kv"] * p["group"], p["n_kv"], p["T"], p["N"]
+    t, i = torch.arange(T)[:, None], torch.arange(N + T)[None, :]
+    ml = (i > t) & (i <= N + t) & (i >= N - p["pos"])
+    valid = torch.rand(p["units"], generator=g) > 0.3
+    far = torch.arange(200)[None, :] < (t + torch.randint(0, 200, (1,), generator=g))
+    mm = torch.cat([valid.repeat_interleave(128)[None, :].expand(T, -1),
+                    (torch.arange(128) < p["held"])[None, :].expand(T, -1), far], dim=1)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, dtype)  # noqa: E731
+    M = mm.shape[1]
+    return (r(Hq, T, D), r(Hkv, N + T, D), r(Hkv, N + T, D), ml.to(device), r(Hq, T, D), r(Hkv, M, D),
+            r(Hkv, M, D), mm.to(device))
+
+
+@settings(max_examples=25, deadline=None)
+@given(windows)
+def test_flex_block_mask_on_window_shaped_masks(p):
+    """Where whole 128-blocks are seen or unseen, FlexAttention skips or takes them without reading the
+    mask (kernels.block_mask); the result must not change."""
+    args = window_case(p)
+    a_out, a_col = kernels.chunk_attention(*args)
+    b_out, b_col = kernels.chunk_attention_flex(*args)
+    assert torch.allclose(a_out, b_out, atol=1e-6) and torch.allclose(a_col, b_col, atol=1e-6)
+
+
+def test_block_mask_classifies_blocks():
+    m = torch.zeros(200, 300, dtype=torch.bool)
+    m[:, :128] = True  # seen by every query: full
+    m[5, 130] = True  # seen by one query: partial
+    m[:150, 256:] = True  # a short last block is never full (flex must not read past the keys)
+    bm = kernels.block_mask(m)
+    partial = [set(bm.kv_indices[0, 0, r, :n].tolist()) for r, n in enumerate(bm.kv_num_blocks[0, 0].tolist())]
+    full = [set(bm.full_kv_indices[0, 0, r, :n].tolist()) for r, n in enumerate(bm.full_kv_num_blocks[0, 0].tolist())]
+    assert full == [{0}, {0}] and partial == [{1, 2}, {2}]
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_blocked_kernel_low_precision(dtype, tol):
     p = dict(n_kv=2, group=4, T=64, L=200, M=70, D=64, seed=3, block=32)

@@ -178,3 +178,17 @@ def test_cli_missing_checkpoint_exits_2(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+
+
+def test_cli_compile_gives_the_same_answers(tiny_ckpt, tmp_path):
+    """--compile keeps one set of compiled caches per mode for the whole sweep, reset between trials."""
+    argv = ["--ckpt", str(tiny_ckpt), "--lengths", "300,600", "--depths", "0,1", "--attention", "infllm,full",
+            "--device", "cpu", "--infllm", "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=4,exc_block_size=32,chunk_size=128"]
+    answers = {}
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"r{len(extra)}.jsonl"
+        assert passkey.main(argv + extra + ["--out", str(out)]) == 0
+        recs = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(recs) == 8 and all(r["settings"].get("compile", False) == bool(extra) for r in recs)
+        answers[bool(extra)] = [(r["attention"], r["length_target"], r["depth"], r["answer"]) for r in recs]
+    assert answers[True] == answers[False]
