@@ -128,10 +128,12 @@ class MemoryUnits:
         self.loader = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.load_units = torch.zeros(cfg.topk, dtype=torch.long, device=device)
         self.load_slots = torch.full((cfg.topk,), -1, dtype=torch.long, device=device)
-        most = (cfg.exc_block_size + cfg.block_size - 1) // cfg.block_size  # new units of one chunk, at most
-        self.stage_k = torch.zeros(most, *self.block, device=device, dtype=dtype) if self.loader else None
-        self.stage_v = torch.zeros_like(self.stage_k) if self.loader else None
-        self.stage_rows = torch.zeros(most, dtype=torch.long, device=device)
+        self.stage_k = self.stage_v = self.stage_rows = None
+        if self.loader is not None:
+            most = (cfg.exc_block_size + cfg.block_size - 1) // cfg.block_size  # new units of one piece, at most
+            self.stage_k = torch.zeros(most, *self.block, device=device, dtype=dtype)
+            self.stage_v = torch.zeros_like(self.stage_k)
+            self.stage_rows = torch.zeros(most, dtype=torch.long, device=device)
         self.reserve(cfg.topk)
 
     def _host(self, n):
