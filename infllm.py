@@ -299,6 +299,7 @@ class ContextMemory:
         # window positions of the reference. So the window is neither gathered nor re-rotated per chunk.
         self.ring_kr = torch.zeros_like(self.ring_k)
         self.ring_score = torch.zeros(n_heads, self.ring, device=device)  # local score per query head, fp32
+        self.ring_pos = torch.full((self.ring,), -1, dtype=torch.long, device=device)  # position in each slot; -1: none
         self.init_k = torch.zeros(n_kv_heads, cfg.n_init, head_dim, device=device, dtype=dtype)
         self.init_v = torch.zeros_like(self.init_k)
         # pos: tokens seen; start: position of the oldest recent token; n_init: init tokens held.
@@ -317,6 +318,7 @@ class ContextMemory:
         self.pos = self.start = self.n_init = 0
         for t in (self.pos_d, self.start_d, self.n_init_d):
             t.zero_()
+        self.ring_pos.fill_(-1)
         if self.use_units:
             self.units.reset()
 
@@ -345,11 +347,13 @@ class ContextMemory:
         T, take, n_new = plan
         N, R, dev = self.cfg.n_local, self.ring, q.device
         t = torch.arange(T, device=dev)
-        new = (self.pos_d + t) % R
+        at = self.pos_d + t  # the chunk's positions
+        new = at % R
         self.ring_k.index_copy_(1, new, k)
-        self.ring_kr.index_copy_(1, new, self.rope(k, self.pos_d + t))
+        self.ring_kr.index_copy_(1, new, self.rope(k, at))
         self.ring_v.index_copy_(1, new, v)
         self.ring_score.index_fill_(1, new, 0.0)
+        self.ring_pos.index_copy_(0, new, at)
 
         # Memory part: all its keys at position 0 and the queries at n_local - 1. The lookup comes
         # first, so that the selected units load from host memory while the local part is computed.
@@ -357,11 +361,9 @@ class ContextMemory:
         selected = self._select(q_mem)
 
         # Local part: each query sees the n_local tokens up to itself. The ring is read in place, in
-        # slot order (attention does not depend on the order of its keys); slot s holds the latest
-        # position p = s (mod R) written so far, never written while p is negative.
-        at = self.pos_d + t
-        last = self.pos_d + T - 1
-        p = last - (last - torch.arange(R, device=dev)) % R
+        # slot order (attention does not depend on the order of its keys), its slots' positions p
+        # telling which keys a query sees.
+        p = self.ring_pos
         mask_local = (p[None, :] <= at[:, None]) & (p[None, :] > at[:, None] - N) & (p >= 0)[None, :]
         local = self.attend_local(self.rope(q, at), self.ring_kr, self.ring_v, mask_local)
 

@@ -78,7 +78,8 @@ def representative_keys(k_blocks, scores, repr_topk: int):
     [n, Hq, B] -> [n, Hq * D] (heads concatenated, the layout the lookup dots with)."""
     n, Hq, B = scores.shape
     k = expand_kv(k_blocks.transpose(0, 1), Hq).transpose(0, 1)  # [n, Hq, B, D]
-    top = scores.topk(repr_topk, dim=-1).indices  # [n, Hq, r]
+    # (a sort, not topk: on rows this short torch.topk takes 4x longer on a GPU)
+    top = scores.argsort(dim=-1, descending=True, stable=True)[..., :repr_topk]  # [n, Hq, r]
     picked = torch.gather(k, 2, top[..., None].expand(-1, -1, -1, k.shape[-1]))
     return picked.to(_acc(picked)).mean(dim=2).to(k_blocks.dtype).reshape(n, -1)
 
@@ -161,31 +162,46 @@ def _flex(q, k, v, mask):
     """One FlexAttention call on [H, n, D] tensors with a [n_q, n_k] boolean mask. Returns the output and
     the log-sum-exp [Hq, n_q] (-inf for a query that sees no key)."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
-    out, aux = flex_attention(q[None], k[None], v[None], block_mask=block_mask(mask),
-                              enable_gqa=q.shape[0] != k.shape[0], return_aux=AuxRequest(lse=True))
+    # Inductor serves fewer than 128 queries with its decoding kernel, which tiles a key head's whole group of
+    # queries (group x n_q rows) inside one 128-query block; with more rows than that it has no kernel to
+    # choose (NoValidChoicesError), so those shapes take the general kernel.
+    group = q.shape[0] // k.shape[0]
+    options = {"FORCE_USE_FLEX_ATTENTION": True} if q.shape[1] * group > 128 else None
+    out, aux = flex_attention(q[None], k[None], v[None], block_mask=block_mask(mask), enable_gqa=group != 1,
+                              return_aux=AuxRequest(lse=True), kernel_options=options)
     return out[0], aux.lse[0]
 
 
-def block_mask(mask, block=128):
-    """FlexAttention's view of a dense [n_q, n_k] mask, made on the device without a host sync: a block of
-    keys that no query of a query block sees is skipped, one that every query sees is "full" (no mask read
-    inside: most of the window and of the units), the rest read the dense mask. create_block_mask would
-    call the mask function on every element instead of reducing the mask we already have."""
-    from torch.nn.attention.flex_attention import BlockMask
+BLOCK = 128  # FlexAttention's block of queries and of keys
+UNSEEN, PARTIAL, FULL = 0, 1, 2
+
+
+def block_classes(mask, block=BLOCK):
+    """[n_q, n_k] mask -> int8 [query blocks, key blocks]: UNSEEN where no query of the block sees a key of
+    the block (skipped), FULL where every query sees every key (no mask read inside), else PARTIAL. Made on
+    the device without a host sync. Padding: keys past n_k are never seen, so a short last key block is
+    never full; queries past n_q don't count (their output is dropped)."""
     n_q, n_k = mask.shape
     rows, cols = -(-n_q // block), -(-n_k // block)
-    # Padding: keys past n_k are never seen; queries past n_q don't count (their output is dropped).
     m = F.pad(mask, (0, cols * block - n_k)).view(n_q, cols, block)
-    seen = m.any(2)
-    seen = F.pad(seen, (0, 0, 0, rows * block - n_q), value=False).view(rows, block, cols).any(1)
+    seen = F.pad(m.any(2), (0, 0, 0, rows * block - n_q), value=False).view(rows, block, cols).any(1)
     full = F.pad(m.all(2), (0, 0, 0, rows * block - n_q), value=True).view(rows, block, cols).all(1)
+    return seen.to(torch.int8) + full.to(torch.int8)  # a full block is seen: 0, 1 or 2
+
+
+def block_mask(mask, block=BLOCK):
+    """FlexAttention's view of a dense [n_q, n_k] mask from its block_classes: unseen blocks are skipped,
+    full ones read no mask. create_block_mask would call the mask function on every element instead of
+    reducing the mask we already have."""
+    from torch.nn.attention.flex_attention import BlockMask
+    blocks = block_classes(mask, block)
 
     def listed(b):  # the blocks where b holds first, in an index of fixed size (flex reads only the count)
         count = b.sum(-1, dtype=torch.int32)
         return count[None, None], b.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)[None, None]
 
-    return BlockMask.from_kv_blocks(*listed(seen & ~full), *listed(full), BLOCK_SIZE=block,
-                                    mask_mod=lambda b, h, t, i: mask[t, i], seq_lengths=(n_q, n_k),
+    return BlockMask.from_kv_blocks(*listed(blocks == PARTIAL), *listed(blocks == FULL), BLOCK_SIZE=block,
+                                    mask_mod=lambda b, h, t, i: mask[t, i], seq_lengths=tuple(mask.shape),
                                     compute_q_blocks=False)
 
 
@@ -199,17 +215,20 @@ def local_column_sums(q, k, lse, mask):
     return torch.exp(_logits(q, k, mask) - lse[..., None]).nan_to_num(0.0).sum(dim=1).float()
 
 
-COLUMN_SUMS_CONFIG = dict(BQ=64, BK=64, num_warps=4, num_stages=3)  # the fastest of 9 tried on an H100
+# Tiles of the column sums kernel, BQ queries x BK keys: for a chunk of queries the fastest of 9 tried on an
+# H100; for a decoding step (one query) the smallest query tile tl.dot takes (17 us instead of 22 on an H100).
+COLUMN_SUMS_CONFIG = dict(BQ=64, BK=64, num_warps=4, num_stages=3)
+COLUMN_SUMS_CONFIG_FEW = dict(BQ=16, BK=128, num_warps=4, num_stages=2)
 
 
 def _column_sums_cuda(q, k, lse, mask):
     (Hq, T, D), L = q.shape, k.shape[1]
     out = torch.empty(Hq, L, dtype=torch.float32, device=q.device)
-    BK = COLUMN_SUMS_CONFIG["BK"]
-    _column_sums_kernel[(-(-L // BK), Hq)](
-        q.contiguous(), k.contiguous(), lse.contiguous(), mask.contiguous(), out, T, L, D,
-        Hq // k.shape[0], SCALE_LOG2=1.4426950408889634 / math.sqrt(D), BD=max(16, 1 << (D - 1).bit_length()),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **COLUMN_SUMS_CONFIG)
+    config = COLUMN_SUMS_CONFIG_FEW if T <= COLUMN_SUMS_CONFIG_FEW["BQ"] else COLUMN_SUMS_CONFIG
+    _column_sums_kernel[(-(-L // config["BK"]), Hq)](
+        q.contiguous(), k.contiguous(), lse.contiguous(), mask.contiguous(), out, T, L, D, Hq // k.shape[0],
+        SCALE_LOG2=1.4426950408889634 / math.sqrt(D), BD=max(16, 1 << (D - 1).bit_length()),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **config)
     return out
 
 
@@ -228,6 +247,14 @@ def pinned_empty(shape, dtype):
     return t
 
 
+def _after_current(stream):
+    """Work queued inside this context goes to stream (None: the current stream), after the work queued so
+    far on the current stream."""
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+    return torch.cuda.stream(stream)
+
+
 GATHER_SPLIT = 4  # programs per unit in gather_from_host and scatter_to_host
 
 
@@ -242,9 +269,7 @@ def gather_from_host(src, rows, dst, dst_rows, stream=None):
     if n == 0:
         return
     row = src[0].numel()
-    if stream is not None:
-        stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # None: the current stream
+    with _after_current(stream):
         # A few programs per unit, each looping over its share of the row: a copy that waits on PCIe
         # holds few of the GPU's cores, so the attention running beside it keeps the rest.
         _gather_kernel[(n, GATHER_SPLIT)](src.data_ptr(), rows, dst, dst_rows, row, BLOCK=4096, SPLIT=GATHER_SPLIT)
@@ -265,9 +290,7 @@ def scatter_to_host(src, dst, rows, stream=None):
     if n == 0:
         return
     row = dst[0].numel()
-    if stream is not None:
-        stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with _after_current(stream):
         _scatter_kernel[(n, GATHER_SPLIT)](src.contiguous(), rows, dst.data_ptr(), row, BLOCK=4096, SPLIT=GATHER_SPLIT)
 
 

@@ -105,8 +105,10 @@ class Rotary(nn.Module):
         """Rotate x [..., T, head_dim] to positions pos [T] (Hugging Face's half-split layout)."""
         acc = torch.promote_types(x.dtype, torch.float32)
         # Angles in float64, reduced to one turn: InfLLM's window keys sit at their absolute positions, and
-        # at position 1M a float32 angle is off by up to 0.03 rad. (The product is exact: inv_freq is fp32.)
-        freqs = ((pos.double()[:, None] * self.inv_freq.double()[None, :]) % (2 * math.pi)).to(acc)
+        # at position 1M a float32 angle is off by up to 0.03 rad. Counted in turns and reduced by floor, not
+        # by %: compiled, the float64 remainder would run once for every element of x, and it is slow.
+        turns = pos.double()[:, None] * (self.inv_freq.double()[None, :] / (2 * math.pi))
+        freqs = ((turns - turns.floor()) * (2 * math.pi)).to(acc)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
         x1, x2 = x.chunk(2, dim=-1)

@@ -1,6 +1,7 @@
 """InfLLM context memory against independent oracles: full attention where nothing is evicted, and a
 dense float64 re-implementation of ../shared/INFLLM.md that builds the explicit mask and positions
 over every token so far (no windows, no buffers, no pools)."""
+import dataclasses
 import math
 from collections import OrderedDict
 
@@ -170,6 +171,20 @@ def test_matches_dense_oracle_with_evictions(model64, attention, seed, kernel):
         assert any(len(s) == SMALL.topk and len(o.reprs) > SMALL.topk for o in oracles for s in o.selections)
         stats = memory_stats(caches)
         assert stats["misses"] > 0 and stats["hits"] > 0
+
+
+def test_device_cache_size_changes_speed_not_output(model64):
+    """max_cached_block decides which units sit on the device, never what a query sees."""
+    prompt, dec = tokens(150, 30), tokens(12, 31)
+    outs, stats = [], []
+    for size in (SMALL.topk, 64):  # the least allowed; room for every unit
+        cfg = dataclasses.replace(SMALL, max_cached_block=size)
+        caches = make_caches(model64, "infllm", cfg)
+        outs.append(run(model64, caches, prompt, cfg.chunk_size, dec))
+        stats.append(memory_stats(caches))
+    assert torch.equal(outs[0], outs[1])
+    assert stats[1]["misses"] <= stats[1]["units"]  # a pool with room for all loads each unit once at most
+    assert stats[0]["misses"] > stats[1]["misses"]
 
 
 def test_representative_keys_follow_local_scores():
