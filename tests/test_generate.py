@@ -113,3 +113,21 @@ def test_infllm_answers_the_bundled_long_prompt():
     out = json.loads(r.stdout)
     assert out["prompt_tokens"] > 12000
     assert "31874" in out["text"], out["text"]
+
+
+SMALL_INFLLM = "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=4,exc_block_size=32,chunk_size=128"
+
+
+def test_compile_generates_the_same_tokens(tiny_ckpt, capsys):
+    """--compile (compiled layers and chunk step; on a CPU no CUDA graphs) generates what the eager path
+    does, over a prompt long enough to make memory units and look them up."""
+    import generate
+    prompt = " ".join(f"word{i}" for i in range(200))
+    argv = ["--ckpt", str(tiny_ckpt), "--prompt", prompt, "--max-new-tokens", "6", "--json", "--device", "cpu",
+            "--infllm", SMALL_INFLLM]
+    runs = []
+    for extra in ([], ["--compile"]):
+        assert generate.main(argv + extra) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    assert runs[0]["text"] == runs[1]["text"] and runs[0]["new_tokens"] == runs[1]["new_tokens"] >= 1
+    assert runs[0]["prompt_tokens"] > 3 * 64 and runs[1]["unit_cache_hit_rate"] is not None

@@ -1,0 +1,35 @@
+"""scripts/bench.py on a CPU with a small shape: the CI smoke test of the benchmark's plumbing."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench  # noqa: E402
+
+SMALL_INFLLM = "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=4,exc_block_size=32,chunk_size=128"
+
+
+def test_bench_reports_each_length(capsys):
+    argv = ["--shape", "tiny", "--lengths", "300,1K", "--decode", "3", "--repeats", "2", "--device", "cpu",
+            "--json", "--infllm", SMALL_INFLLM]
+    assert bench.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["length"] for r in rows] == [300, 1024]
+    for r in rows:
+        assert r["attention"] == "infllm" and len(r["prefill_tok_s_all"]) == len(r["decode_tok_s_all"]) == 2
+        assert min(r["prefill_tok_s_all"]) <= r["prefill_tok_s"] <= max(r["prefill_tok_s_all"])
+        assert r["decode_tok_s"] > 0 and r["peak_gpu_gib"] is None and r["peak_rss_gib"] > 0
+        assert 0 <= r["hit_rate"] <= 1  # units were made (past n_local) and looked up
+    assert bench.main(argv[:4] + ["--attention", "full", "--repeats", "1", "--device", "cpu", "--json"]) == 0
+    full = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["length"] for r in full] == [300, 1024]
+    assert all(r["attention"] == "full" and r["hit_rate"] is None and r["decode_tok_s"] > 0 for r in full)
+
+
+def test_bench_bad_length_is_one_sentence():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--lengths", "12Q", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "12Q" in r.stderr
