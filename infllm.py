@@ -299,7 +299,9 @@ class ContextMemory:
         # window positions of the reference. So the window is neither gathered nor re-rotated per chunk.
         self.ring_kr = torch.zeros_like(self.ring_k)
         self.ring_score = torch.zeros(n_heads, self.ring, device=device)  # local score per query head, fp32
-        self.ring_pos = torch.full((self.ring,), -1, dtype=torch.long, device=device)  # position in each slot; -1: none
+        # The position each slot holds (-1: none yet), kept rather than derived from pos by a remainder, which
+        # the compiled mask would recompute for every (query, slot) pair.
+        self.ring_pos = torch.full((self.ring,), -1, dtype=torch.long, device=device)
         self.init_k = torch.zeros(n_kv_heads, cfg.n_init, head_dim, device=device, dtype=dtype)
         self.init_v = torch.zeros_like(self.init_k)
         # pos: tokens seen; start: position of the oldest recent token; n_init: init tokens held.

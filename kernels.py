@@ -172,36 +172,26 @@ def _flex(q, k, v, mask):
     return out[0], aux.lse[0]
 
 
-BLOCK = 128  # FlexAttention's block of queries and of keys
-UNSEEN, PARTIAL, FULL = 0, 1, 2
-
-
-def block_classes(mask, block=BLOCK):
-    """[n_q, n_k] mask -> int8 [query blocks, key blocks]: UNSEEN where no query of the block sees a key of
-    the block (skipped), FULL where every query sees every key (no mask read inside), else PARTIAL. Made on
-    the device without a host sync. Padding: keys past n_k are never seen, so a short last key block is
-    never full; queries past n_q don't count (their output is dropped)."""
+def block_mask(mask, block=128):
+    """FlexAttention's view of a dense [n_q, n_k] mask, made on the device without a host sync: a block of
+    keys that no query of a query block sees is skipped, one that every query sees is "full" (no mask read
+    inside: most of the window and of the units), the rest read the dense mask. create_block_mask would
+    call the mask function on every element instead of reducing the mask we already have."""
+    from torch.nn.attention.flex_attention import BlockMask
     n_q, n_k = mask.shape
     rows, cols = -(-n_q // block), -(-n_k // block)
+    # Padding: keys past n_k are never seen (a short last key block is never full); queries past n_q don't
+    # count (their output is dropped).
     m = F.pad(mask, (0, cols * block - n_k)).view(n_q, cols, block)
     seen = F.pad(m.any(2), (0, 0, 0, rows * block - n_q), value=False).view(rows, block, cols).any(1)
     full = F.pad(m.all(2), (0, 0, 0, rows * block - n_q), value=True).view(rows, block, cols).all(1)
-    return seen.to(torch.int8) + full.to(torch.int8)  # a full block is seen: 0, 1 or 2
-
-
-def block_mask(mask, block=BLOCK):
-    """FlexAttention's view of a dense [n_q, n_k] mask from its block_classes: unseen blocks are skipped,
-    full ones read no mask. create_block_mask would call the mask function on every element instead of
-    reducing the mask we already have."""
-    from torch.nn.attention.flex_attention import BlockMask
-    blocks = block_classes(mask, block)
 
     def listed(b):  # the blocks where b holds first, in an index of fixed size (flex reads only the count)
         count = b.sum(-1, dtype=torch.int32)
         return count[None, None], b.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)[None, None]
 
-    return BlockMask.from_kv_blocks(*listed(blocks == PARTIAL), *listed(blocks == FULL), BLOCK_SIZE=block,
-                                    mask_mod=lambda b, h, t, i: mask[t, i], seq_lengths=tuple(mask.shape),
+    return BlockMask.from_kv_blocks(*listed(seen & ~full), *listed(full), BLOCK_SIZE=block,
+                                    mask_mod=lambda b, h, t, i: mask[t, i], seq_lengths=(n_q, n_k),
                                     compute_q_blocks=False)
 
 
