@@ -5,14 +5,19 @@
 Text streams to stdout; figures (prompt tokens, prefill and decode speed, peak memory) go to stderr,
 or everything as one JSON object with --json.
 """
+import time
+
+STARTED = time.time()  # the process's start, near enough: before torch is imported
+
 import argparse
 import json
+import os
 import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from infllm import ContextMemory, InfLLMConfig, make_caches, memory_stats
 from model import DTYPES, CheckpointError, load_model
@@ -28,53 +33,98 @@ def load(ckpt, device="cpu", dtype=torch.float32):
     return load_model(ckpt, device=device, dtype=dtype), load_tokenizer(ckpt)
 
 
-class CUDAGraphs:
-    """model(tokens, caches) replayed from CUDA graphs (the --compile path on a GPU). With InfLLM's caches
-    a chunk's kernels depend only on its length and on how many tokens each of its exc_block_size
-    pieces moves to init and to new units (ContextMemory.plan), so a long prompt or a decoding run
-    repeats a few kinds of chunk many times. A kind of chunk runs as usual the first time it comes
-    (torch.compile's warm-up) and is captured right after; from then on it is replayed: one launch for
-    the whole model, no Python per layer, the lookup and the cache update included."""
+class FixedShapes:
+    """model(tokens, caches) as forwards of two lengths only: a piece of exc_block_size tokens (the last
+    one of a prompt padded) and one token (the prompt's last token, decoding). With InfLLM's caches
+    nothing else a forward does depends on the prompt, so with graphs (on a GPU) each kind runs as usual
+    the first time it comes (torch.compile's warm-up, if any) and is captured in a CUDA graph right after;
+    from then on it is replayed: one launch for the whole model, no Python per layer, the lookup and the
+    cache update included. Two captures serve every prompt of any length; only a prompt longer than the
+    unit storage was reserved for moves the storage and re-captures.
 
-    def __init__(self, model, caches):
+    A prefill chunk thus runs piece by piece through all layers, where the reference runs each layer over
+    the whole chunk before the next: the same arithmetic in another order (a layer's piece depends only
+    on the layer below for the same and earlier pieces, and on its own cache of earlier pieces), so the
+    outputs are the same; only the linear layers see 512 rows at a time instead of 8192. A graph of one
+    piece is captured in a sixteenth of the time a chunk's takes, which a user waits for on every run."""
+
+    def __init__(self, model, caches, graphs=True):
         if not all(isinstance(c, ContextMemory) for c in caches):
             raise UsageError("CUDA graphs need the InfLLM or stream caches (full attention grows its cache)")
-        self.model, self.caches = model, caches
-        self.graphs, self.version = {}, None
-        self.pool = torch.cuda.graph_pool_handle()
+        self.model, self.caches, self.use_graphs = model, caches, graphs
+        self.piece = caches[0].cfg.exc_block_size
+        self.graphs, self.version, self.captures = {}, None, 0
+        self.first_runs_s = self.capture_s = 0.0  # what the first forward of each kind cost (compilation, capture)
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
 
     def __call__(self, tokens, last_only=False):
-        T = tokens.shape[1]
+        T, s, outs = tokens.shape[1], 0, []
+        while s < T:
+            L = 1 if T - s == 1 else self.piece
+            n = min(L, T - s)
+            out = self._run(tokens[:, s:s + n], L, last_only)
+            outs.append(out if last_only else out[:, :n].clone())  # a replay overwrites its output
+            s += n
+        return outs[-1] if last_only else torch.cat(outs, dim=1)
+
+    def _run(self, tokens, L, last_only):
+        """One forward of L tokens, the first n of them real."""
+        n = tokens.shape[1]
         for c in self.caches:
-            c.reserve(c.pos + T)
+            c.reserve(c.pos + n)
+        key = (L, last_only)
         version = tuple(c.units.version for c in self.caches if c.use_units)
         if version != self.version:  # storage moved: the graphs point at the old buffers
             self.graphs, self.version = {}, version
-            self.pool = torch.cuda.graph_pool_handle()  # a pool dies with the last graph that used it
-        key = (T, last_only, self.caches[0].plans(T))
-        if key not in self.graphs:  # run it (torch.compile's warm-up), then capture it for the next time
-            state = [c.host_state() for c in self.caches]
-            out = self.model(tokens, self.caches, last_only=last_only)
-            self.graphs[key] = self._capture(tokens, last_only, state)
-            return out
-        graph, static_in, static_out = self.graphs[key]
-        static_in.copy_(tokens)
-        graph.replay()
+            self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # dies with its last graph
+        if key in self.graphs:
+            graph, static_in, static_n, static_out = self.graphs[key]
+            static_in[:, :n].copy_(tokens)
+            static_n.fill_(n)
+            graph.replay()
+            out = static_out
+        else:
+            t0 = time.perf_counter()
+            static_in = F.pad(tokens, (0, L - n))
+            static_n = torch.full((), n, dtype=torch.long, device=tokens.device)
+            out = self.model(static_in, self.caches, last_only=last_only, n_valid=static_n)
+            t1 = time.perf_counter()
+            if self.use_graphs:  # recording runs no kernel: the device state stays that of the run above
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    static_out = self.model(static_in, self.caches, last_only=last_only, n_valid=static_n)
+                self.graphs[key] = (graph, static_in, static_n, static_out)
+                self.captures += 1
+            self.first_runs_s += t1 - t0
+            self.capture_s += time.perf_counter() - t1
         for c in self.caches:
-            c.advance_host(T)
-        return static_out  # overwritten by the next call
+            c.pos += n
+        return out
 
-    def _capture(self, tokens, last_only, before):
-        """Record the chunk that just ran from the host counters it started with (before); recording
-        runs no kernel, so the device state stays that of the run, and the host ends where it did."""
-        after = [c.host_state() for c in self.caches]
-        for c, s in zip(self.caches, before):
-            c.set_host_state(s)
-        static_in, graph = tokens.clone(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            static_out = self.model(static_in, self.caches, last_only=last_only)
-        assert [c.host_state() for c in self.caches] == after
-        return graph, static_in, static_out
+
+# Not by default: on an H200 (docs/benchmarks.md, 2026-11-27) a fresh process answered SmolLM2 prompts of
+# 32K and 128K as fast or faster without compiling (eager kernels replayed from CUDA graphs), and compiling
+# with an empty cache cost 2 minutes more. --compile pays off from a few hundred K tokens on a machine
+# that keeps its compile cache (960K: 53 s against 117 s).
+COMPILE_ON_GPU = False
+
+
+def gpu_matmuls(dtype):
+    """On a GPU, fp32 matrix products of a bf16 / fp16 model (the attention's logits and weighted sums)
+    on TF32 tensor cores: TF32 holds those inputs' mantissas, so the logits stay exact, and the eager path
+    is 3x faster. An fp32 model keeps full fp32 products."""
+    torch.backends.cuda.matmul.allow_tf32 = dtype in (torch.bfloat16, torch.float16)
+
+
+def use_compile_cache(folder=None) -> Path:
+    """Keep torch.compile's artifacts (inductor's graphs and kernels, Triton's binaries) in one folder that
+    outlives the process, so a second run on the machine loads them instead of compiling: --compile-cache,
+    else $INFLLM_COMPILE_CACHE, else ~/.cache/infllm/compile."""
+    folder = Path(folder or os.environ.get("INFLLM_COMPILE_CACHE") or Path.home() / ".cache" / "infllm" / "compile")
+    folder = folder.expanduser().resolve()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    return folder
 
 
 def fast_kernel(device, attention="infllm") -> str:
@@ -85,23 +135,24 @@ def fast_kernel(device, attention="infllm") -> str:
 
 
 def forward_fn(model, caches, graphs=False):
-    """The model's forward over caches: plain, or replayed from CUDA graphs."""
+    """The model's forward over caches: plain, or in fixed shapes replayed from CUDA graphs."""
     if graphs:
-        return CUDAGraphs(model, caches)
+        return FixedShapes(model, caches)
     return lambda tokens, last_only=False: model(tokens, caches, last_only=last_only)
 
 
 @torch.no_grad()
-def prefill(model, caches, ids: list[int], chunk_size: int, progress=None, forward=None):
+def prefill(model, caches, ids: list[int], chunk_size: int, progress=None, forward=None, room=0):
     """Feed the prompt chunk_size tokens at a time through all layers, all but its last token; the last
     one goes alone, as a decoding step does, so that it makes a memory lookup with its own query (the
-    authors' generation loop does the same). Returns the logits after the last token [vocab]."""
+    authors' generation loop does the same). room: tokens still to come (decoding), for which the unit
+    storage is reserved now, so that it never moves mid-run. Returns the logits after the last token [vocab]."""
     forward = forward or forward_fn(model, caches)
     dev = model.embed_tokens.weight.device
     tokens = torch.tensor(ids, device=dev)[None]
     for c in caches:
         if hasattr(c, "reserve"):
-            c.reserve(len(ids))
+            c.reserve(c.pos + len(ids) + room)
     for s in range(0, len(ids) - 1, chunk_size):
         e = min(s + chunk_size, len(ids) - 1)
         forward(tokens[:, s:e], last_only=True)
@@ -192,7 +243,10 @@ def parse_args(argv=None):
                    help="InfLLM settings, e.g. n_local=4096,topk=16 (defaults: the authors' Mistral config)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the layers and the chunk attention; on a GPU, replay CUDA graphs")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the layers and the piece step (default: no; worth it for prompts of several hundred K tokens once the compile cache is warm)")
+    p.add_argument("--compile-cache", metavar="DIR", default=None,
+                   help="where compiled programs are kept between runs (default: $INFLLM_COMPILE_CACHE or ~/.cache/infllm/compile)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -207,8 +261,13 @@ def run(args) -> dict:
     text = read_prompt(args)
     if not Path(args.ckpt).is_dir():
         raise UsageError(f"checkpoint folder {args.ckpt} does not exist")
+    compile_ = args.compile if args.compile is not None else device.type == "cuda" and COMPILE_ON_GPU
+    if compile_ or device.type == "cuda":  # the eager GPU path has Triton kernels of its own to keep
+        use_compile_cache(args.compile_cache)
+    if device.type == "cuda":
+        gpu_matmuls(dtype)
     model, tok = load(args.ckpt, device, dtype)
-    if args.compile:
+    if compile_:
         model.compile_blocks()
     if args.chat:
         text = chat_prompt(args.ckpt, tok, text)
@@ -221,14 +280,16 @@ def run(args) -> dict:
     if not args.no_progress and not args.json:
         from tqdm import tqdm
         progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
-    caches = make_caches(model, args.attention, cfg, kernel=fast_kernel(device, args.attention) if args.compile else "blocked")
-    # --compile on a GPU also replays the model from CUDA graphs (not for full attention: its cache grows).
-    forward = forward_fn(model, caches, graphs=args.compile and device.type == "cuda" and args.attention != "full")
+    caches = make_caches(model, args.attention, cfg, kernel=fast_kernel(device, args.attention) if compile_ else "blocked")
+    # On a GPU the model's forwards are replayed from CUDA graphs, compiled or not (not for full attention:
+    # its cache grows).
+    forward = forward_fn(model, caches, graphs=device.type == "cuda" and args.attention != "full")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    logits = prefill(model, caches, ids, cfg.chunk_size, progress, forward)
+    logits = prefill(model, caches, ids, cfg.chunk_size, progress, forward, room=args.max_new_tokens)
     sync()
     t1 = time.perf_counter()
+    first_token_at = time.time() - STARTED
     if progress is not None:
         progress.close()
 
@@ -254,6 +315,10 @@ def run(args) -> dict:
         "text": answer,
         "prompt_tokens": len(ids),
         "new_tokens": len(new),
+        "compiled": compile_,
+        # From the process's start, compilation and loading included: what a user waits for.
+        "first_token_s": round(first_token_at, 3),
+        "wall_s": round(time.time() - STARTED, 3),
         "prefill_s": round(t1 - t0, 4),
         "prefill_tok_s": round(len(ids) / (t1 - t0), 2),
         # The first new token comes from the prefill's logits; each later one costs a decoding step.
@@ -275,7 +340,9 @@ def main(argv=None) -> int:
         print(json.dumps(result))
     else:
         r = result
-        print(f"[{r['prompt_tokens']} prompt tokens, prefill {r['prefill_s']:.2f} s ({r['prefill_tok_s']:.0f} tok/s), "
+        print(f"[{r['prompt_tokens']} prompt tokens, first token after {r['first_token_s']:.1f} s, "
+              f"whole run {r['wall_s']:.1f} s{' (compiled)' if r['compiled'] else ''}; "
+              f"prefill {r['prefill_s']:.2f} s ({r['prefill_tok_s']:.0f} tok/s), "
               f"{r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
               + (f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else "")
               + (f", unit cache hit rate {r['unit_cache_hit_rate']:.1%}" if r["unit_cache_hit_rate"] is not None else "")

@@ -17,6 +17,7 @@ import functools
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 
@@ -71,7 +72,9 @@ class FullCache:
         self.k = self.v = None  # [B, Hkv, capacity, D], rotated; allocated like the first keys
         self.shape = (n_kv_heads, head_dim)
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, n_valid=None):
+        if n_valid is not None:
+            raise ValueError("full attention takes no padded input (it is never replayed from CUDA graphs)")
         B, T = q.shape[0], q.shape[2]
         pos = torch.arange(self.length, self.length + T, device=q.device)
         q, k = self.rope(q, pos), self.rope(k, pos)  # stored rotated: positions never change
@@ -100,27 +103,24 @@ class MemoryUnits:
     """The memory units of one layer: each unit's K/V block in host storage (pinned when there is a GPU),
     its representative key on the device, and a pool of max_cached_block device slots kept by LRU.
     A unit is an index into this storage, never a Python object. Every buffer has a fixed size and
-    every counter the arithmetic reads lives on the device, so a lookup never waits for the host and
-    the same kernels (a CUDA graph) serve every chunk."""
+    every counter lives on the device, so a lookup never waits for the host and the same kernels (one
+    CUDA graph) serve every piece. Storage has one row more than its capacity: masked writes go there."""
 
     AGE = 1 << 24  # slot age key = last use * AGE + unit: ties between units used together go to the lower
 
     def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype):
         self.cfg, self.device, self.dtype = cfg, torch.device(device or "cpu"), dtype
         self.block = (n_kv_heads, cfg.block_size, head_dim)
-        self.count, self.lookups = 0, 0  # host copies of what the host must know (sizes, statistics)
-        self.n = torch.zeros((), dtype=torch.long, device=device)  # units stored, as the kernels see it
+        counter = functools.partial(torch.zeros, (), dtype=torch.long, device=device)
+        self.n, self.lookups, self.hits, self.misses, self.clock = (counter() for _ in range(5))
         self.host_k = self.host_v = self._host(0)
         self.reprs = torch.empty(0, n_heads * head_dim, device=device, dtype=dtype)
-        self.unit_slot = torch.full((1,), -1, dtype=torch.long, device=device)  # unit -> slot; last entry: scratch
+        self.unit_slot = torch.empty(0, dtype=torch.long, device=device)  # unit -> slot, -1: not cached
         S = cfg.max_cached_block
         self.pool_k = torch.zeros(S + 1, *self.block, device=device, dtype=dtype)  # slot S: scratch
         self.pool_v = torch.zeros_like(self.pool_k)
         self.slot_unit = torch.full((S + 1,), -1, dtype=torch.long, device=device)
         self.slot_used = torch.full((S + 1,), -1, dtype=torch.long, device=device)  # clock of last use; -1: free
-        self.clock = torch.zeros((), dtype=torch.long, device=device)
-        self.hits = torch.zeros((), dtype=torch.long, device=device)
-        self.misses = torch.zeros((), dtype=torch.long, device=device)
         self.version = 0  # bumped when storage is reallocated (captured CUDA graphs hold its addresses)
         # On a GPU, units load on a stream of their own, beside the local part's attention; the indices
         # that copy reads sit in buffers of ours, so no later kernel reuses their memory meanwhile.
@@ -130,71 +130,82 @@ class MemoryUnits:
         self.load_slots = torch.full((cfg.topk,), -1, dtype=torch.long, device=device)
         self.stage_k = self.stage_v = self.stage_rows = None
         if self.loader is not None:
-            most = (cfg.exc_block_size + cfg.block_size - 1) // cfg.block_size  # new units of one piece, at most
+            most = new_units_most(cfg, cfg.exc_block_size)
             self.stage_k = torch.zeros(most, *self.block, device=device, dtype=dtype)
             self.stage_v = torch.zeros_like(self.stage_k)
             self.stage_rows = torch.zeros(most, dtype=torch.long, device=device)
         self.reserve(cfg.topk)
 
     def _host(self, n):
-        if self.device.type == "cuda":  # rows past count are never read: no need to clear them
+        if self.device.type == "cuda":  # rows past n are never read: no need to clear them
             return kernels.pinned_empty((n, *self.block), self.dtype)
         return torch.zeros(n, *self.block, dtype=self.dtype)
 
     @property
     def capacity(self):
-        return self.host_k.shape[0]
+        return self.reprs.shape[0] - 1
+
+    @property
+    def count(self):
+        """Units stored (a host sync: for statistics and tests)."""
+        return int(self.n)
 
     def reset(self):
         """Forget every unit, keeping the buffers (and so any CUDA graph that reads them)."""
-        self.count = self.lookups = 0
-        for t, v in ((self.n, 0), (self.clock, 0), (self.hits, 0), (self.misses, 0), (self.unit_slot, -1),
-                     (self.slot_unit, -1), (self.slot_used, -1)):
+        for t, v in ((self.n, 0), (self.lookups, 0), (self.clock, 0), (self.hits, 0), (self.misses, 0),
+                     (self.unit_slot, -1), (self.slot_unit, -1), (self.slot_used, -1)):
             t.fill_(v)
 
-    def add(self, k_blocks, v_blocks, reprs):
-        """Store new units [n, Hkv, B, D] with their representative keys [n, Hq * D] after the last one
-        (the device's side; the caller reserves room and counts them on the host)."""
-        n = k_blocks.shape[0]
-        rows = self.n + torch.arange(n, device=self.n.device)
+    def add(self, k_blocks, v_blocks, reprs, n_new=None):
+        """Store the first n_new (a device count; default all) of the blocks [most, Hkv, B, D] as new
+        units after the last one, with their representative keys [most, Hq * D]. The others go nowhere:
+        a piece makes at most `most` units, and how many only the device knows."""
+        most = k_blocks.shape[0]
+        n_new = most if n_new is None else n_new
+        j = torch.arange(most, device=self.n.device)
+        rows = torch.where(j < n_new, self.n + j, self.capacity)  # row `capacity`: scratch
         if self.host_k.device == k_blocks.device:
             self.host_k.index_copy_(0, rows, k_blocks)
             self.host_v.index_copy_(0, rows, v_blocks)
         else:  # device -> pinned host, written by a kernel (the rows are known on the device only) on
             # the side stream; the staging buffers are next overwritten after the next join_copies().
-            self.stage_k[:n].copy_(k_blocks)
-            self.stage_v[:n].copy_(v_blocks)
-            self.stage_rows[:n].copy_(rows)
-            self._start_write_back(n)
+            self.stage_k.copy_(k_blocks)
+            self.stage_v.copy_(v_blocks)
+            self.stage_rows.copy_(torch.where(j < n_new, rows, -1))  # -1: nothing crosses PCIe
+            self._start_write_back()
         self.reprs.index_copy_(0, rows, reprs)
-        self.n += n
+        self.n += n_new
 
     def reserve(self, cap):
         """Room for cap units. Growing pinned storage is slow (allocation and a copy), so a prefill
-        reserves what the prompt needs once."""
+        reserves what the prompt needs once. The unit dimension is marked dynamic for torch.compile: a
+        longer prompt reallocates, and must not compile anew."""
         if cap <= self.capacity:
             return
         cap = max(cap, 2 * self.capacity)
         if self.device.type == "cuda":  # pending writes into the old storage, on both streams
             torch.cuda.current_stream(self.device).synchronize()
             self.loader.synchronize()
+        n = max(self.capacity, 0)
         for name in ("host_k", "host_v"):
-            new = self._host(cap)
-            new[:self.count] = getattr(self, name)[:self.count]
+            new = self._host(cap + 1)
+            new[:n] = getattr(self, name)[:n]
             setattr(self, name, new)
-        self.reprs = torch.cat([self.reprs, self.reprs.new_zeros(cap - self.reprs.shape[0], self.reprs.shape[1])])
-        old = self.unit_slot.shape[0] - 1  # entries past count are -1 already
-        self.unit_slot = torch.cat([self.unit_slot[:-1], self.unit_slot.new_full((cap + 1 - old,), -1)])
+        self.reprs = torch.cat([self.reprs[:n], self.reprs.new_zeros(cap + 1 - n, self.reprs.shape[1])])
+        self.unit_slot = torch.cat([self.unit_slot[:n], self.unit_slot.new_full((cap + 1 - n,), -1)])
+        for t in (self.host_k, self.host_v, self.reprs, self.unit_slot):
+            torch._dynamo.mark_dynamic(t, 0)
         self.version += 1
 
-    def lookup(self, q_mem):
-        """The units this chunk attends to: topk by representative score (every unit while there are
-        no more than topk), loaded into device slots. Returns (units, valid, slots), topk each: with
-        fewer than topk units stored, the entries past them are not valid."""
-        scores = kernels.score_units(q_mem, self.reprs)
-        stored = torch.arange(self.capacity, device=scores.device) < self.n
+    def lookup(self, q_mem, real):
+        """The units this piece attends to: topk by representative score over its real queries (every
+        unit while there are no more than topk), loaded into device slots. Returns (units, valid, slots),
+        topk each: with fewer than topk units stored (or no real query), the entries past them are not valid."""
+        scores = kernels.score_units(q_mem, self.reprs, real)
+        stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
         units = kernels.select_units(scores.masked_fill(~stored, float("-inf")), self.cfg.topk)
-        valid = units < self.n  # ascending: the stored units come first
+        valid = (units < self.n) & real.any()  # ascending: the stored units come first
+        self.lookups += valid.any()
         return units, valid, self.fetch(units, valid)
 
     def fetch(self, units, valid=None):
@@ -205,7 +216,7 @@ class MemoryUnits:
         if valid is None:
             valid = torch.ones_like(units, dtype=torch.bool)
         self.clock += 1
-        slots = self.unit_slot[units]
+        slots = torch.where(valid, self.unit_slot[units], -1)
         hit = slots >= 0  # a unit that is not stored never has a slot
         miss = valid & ~hit
         self.hits += hit.sum()
@@ -220,9 +231,9 @@ class MemoryUnits:
         scratch = self.unit_slot.shape[0] - 1
         self.unit_slot.index_fill_(0, torch.where(miss & (old >= 0), old, scratch), -1)
         self._load(units, torch.where(miss, victim, -1))
-        self.slot_unit[victim] = units
-        self.unit_slot[units] = torch.where(valid, victim, -1)
-        self.slot_used[victim] = self.clock
+        self.slot_unit[victim] = torch.where(valid, units, -1)
+        self.unit_slot[torch.where(valid, units, scratch)] = torch.where(valid, victim, -1)
+        self.slot_used[victim] = torch.where(valid, self.clock, -1)
         return victim
 
     def _load(self, units, dst):
@@ -245,9 +256,9 @@ class MemoryUnits:
         kernels.gather_from_host(self.host_v, self.load_units, self.pool_v, self.load_slots, self.loader)
 
     @torch.compiler.disable
-    def _start_write_back(self, n):
-        kernels.scatter_to_host(self.stage_k[:n], self.host_k, self.stage_rows[:n], self.loader)
-        kernels.scatter_to_host(self.stage_v[:n], self.host_v, self.stage_rows[:n], self.loader)
+    def _start_write_back(self):
+        kernels.scatter_to_host(self.stage_k, self.host_k, self.stage_rows, self.loader)
+        kernels.scatter_to_host(self.stage_v, self.host_v, self.stage_rows, self.loader)
 
     @torch.compiler.disable
     def join_copies(self):
@@ -264,15 +275,22 @@ class MemoryUnits:
         return self.slot_unit[order].tolist()
 
 
+def new_units_most(cfg: InfLLMConfig, P: int) -> int:
+    """The most units a piece of P queries can make: before it at most n_local + block_size - 1 recent
+    tokens wait (fewer than a block beyond the window), so at most P + block_size - 1 leave the window."""
+    return (P + cfg.block_size - 1) // cfg.block_size
+
+
 class ContextMemory:
     """InfLLM's context memory for one layer (batch size 1).
 
     Tokens not yet in init or a unit ("recent": the local window plus the far remainder, fewer than
     block_size tokens waiting to fill a unit) sit in a ring buffer at slot position % ring size, keys
-    unrotated. Every buffer has a fixed size and the counters the arithmetic reads (position, start of
-    the recent tokens, init tokens held, units stored) live on the device; the host keeps its own
-    copies, which decide only how many tokens a chunk moves to init and to new units. So a chunk's
-    kernels depend on nothing but those counts, and one CUDA graph can replay them for every chunk."""
+    unrotated. The prompt arrives in pieces of exc_block_size queries (one when decoding), the last
+    one padded; how many of a piece's queries are real is a device count, and so is everything a piece
+    decides (tokens moved to init, new units: a fixed most of each, the rest masked). So the work of
+    a piece has one shape whatever the prompt: two compiled programs (a piece, a decoding step) and two
+    CUDA graphs serve every prompt. The host keeps one counter, the tokens fed, to size the storage."""
 
     use_units = True
 
@@ -281,34 +299,35 @@ class ContextMemory:
         self.rope, self.cfg = rope, cfg.check()
         # "plain" is the specification; each kernel comes as the local part and the memory part.
         self.attend_local, self.attend_memory = kernels.CHUNK_ATTENTION[kernel]
-        # "compiled": the whole chunk step goes through torch.compile, which fuses its few hundred small
+        # "compiled": the whole piece step goes through torch.compile, which fuses its few hundred small
         # kernels (ring writes, rotations, masks, lookup, LRU, retirement, attention) into a few dozen.
         # "flex" is compiled on a GPU only: inductor's CPU FlexAttention has no log-sum-exp output yet, so
         # there it runs unfused (same results, for the tests).
         # The compiled step is one function for every layer, called with the layer: a compiled bound method
         # kept on self would tie self to itself, and its pinned storage would wait for the cycle collector.
         fuse = kernel == "compiled" or (kernel == "flex" and torch.device(device or "cpu").type == "cuda")
-        self.step = _compiled_step() if fuse else type(self)._attend_chunk
+        self.step = _compiled_step() if fuse else type(self)._attend_piece
         self.n_heads = n_heads
-        # A chunk arrives while up to n_local + block_size - 1 recent tokens wait: room for both.
+        # A piece arrives while up to n_local + block_size - 1 recent tokens wait: room for both.
         self.ring = cfg.n_local + cfg.block_size + cfg.exc_block_size
         self.ring_k = torch.zeros(n_kv_heads, self.ring, head_dim, device=device, dtype=dtype)
         self.ring_v = torch.zeros_like(self.ring_k)
         # The same keys rotated once, at their absolute positions, for the local part: its queries are
         # rotated at theirs, and attention sees only the distance between the two, the same as at the
-        # window positions of the reference. So the window is neither gathered nor re-rotated per chunk.
+        # window positions of the reference. So the window is neither gathered nor re-rotated per piece.
         self.ring_kr = torch.zeros_like(self.ring_k)
         self.ring_score = torch.zeros(n_heads, self.ring, device=device)  # local score per query head, fp32
-        # The position each slot holds (-1: none yet), kept rather than derived from pos by a remainder, which
-        # the compiled mask would recompute for every (query, slot) pair.
+        # The position each slot holds (-1: none, or padding), kept rather than derived from pos by a
+        # remainder, which the compiled mask would recompute for every (query, slot) pair.
         self.ring_pos = torch.full((self.ring,), -1, dtype=torch.long, device=device)
-        self.init_k = torch.zeros(n_kv_heads, cfg.n_init, head_dim, device=device, dtype=dtype)
+        # Init tokens, and one scratch column for the masked moves of a piece.
+        self.init_k = torch.zeros(n_kv_heads, cfg.n_init + 1, head_dim, device=device, dtype=dtype)
         self.init_v = torch.zeros_like(self.init_k)
         # pos: tokens seen; start: position of the oldest recent token; n_init: init tokens held.
         self.pos_d, self.start_d, self.n_init_d = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
-        self.pos = self.start = self.n_init = 0  # the same, on the host
+        self.pos = 0  # tokens seen, on the host: it sizes the unit storage
         self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype) if self.use_units else None
-        self.trace = None  # set to a list to record every chunk's selected units (tests, inspection)
+        self.trace = None  # set to a list to record every piece's selected units (tests, inspection)
 
     def reserve(self, n_tokens):
         """Prepare the unit storage for a sequence of n_tokens."""
@@ -317,159 +336,127 @@ class ContextMemory:
 
     def reset(self):
         """Start a new sequence in the same buffers."""
-        self.pos = self.start = self.n_init = 0
+        self.pos = 0
         for t in (self.pos_d, self.start_d, self.n_init_d):
             t.zero_()
         self.ring_pos.fill_(-1)
         if self.use_units:
             self.units.reset()
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, n_valid=None):
+        """q, k, v [1, H, T, D] (q, k unrotated) -> the attention output [1, Hq, T, D]. With n_valid (a
+        device count) only the first n_valid tokens are real and the rest padding, and the caller keeps
+        the host's count (CUDA graph replay); without it all T are real."""
         if q.shape[0] != 1:
             raise ValueError(f"InfLLM context memory holds one sequence; got batch size {q.shape[0]}")
-        exc = self.cfg.exc_block_size
+        T = q.shape[2]
+        if n_valid is None:
+            self.reserve(self.pos + T)
+            self.pos += T
+            n_valid = torch.full((), T, dtype=torch.long, device=q.device)
+        P = 1 if T == 1 else self.cfg.exc_block_size  # a decoding step, or pieces of the prompt
         outs = []
-        for s in range(0, q.shape[2], exc):
-            plan = self.plan(min(exc, q.shape[2] - s))
-            if self.use_units:
-                self.units.reserve(self.units.count + plan[2])
-            out, units = self.step(self, q[0, :, s:s + exc], k[0, :, s:s + exc], v[0, :, s:s + exc], plan)
-            if self.trace is not None and self.use_units and self.units.count:
-                self.trace.append(units[:self.units.count].tolist())
-            self.advance(plan)
+        for s in range(0, T, P):
+            piece = [x[0, :, s:s + P] for x in (q, k, v)]
+            if piece[0].shape[1] < P:  # the last piece, padded: every piece has one shape
+                piece = [F.pad(x, (0, 0, 0, P - x.shape[1])) for x in piece]
+            out, chosen = self.step(self, *piece, (n_valid - s).clamp(0, P))
+            if self.trace is not None and self.use_units and (chosen >= 0).any():
+                self.trace.append(chosen[chosen >= 0].tolist())
             outs.append(out)
         if self.use_units:
             self.units.join_copies()  # the last write-back: a CUDA graph must end with its streams joined
-        return torch.cat(outs, dim=1)[None]
+        return torch.cat(outs, dim=1)[None, :, :T]
 
-    def _attend_chunk(self, q, k, v, plan):
-        """One chunk of at most exc_block_size queries [Hq, T, D]: attend, then update the memory.
-        Device work only, the same for every chunk of one plan: it reads no host counter. Returns the
-        output and the selected units (None without units)."""
-        T, take, n_new = plan
-        N, R, dev = self.cfg.n_local, self.ring, q.device
-        t = torch.arange(T, device=dev)
-        at = self.pos_d + t  # the chunk's positions
-        new = at % R
+    def _attend_piece(self, q, k, v, n):
+        """One piece of P queries [Hq, P, D], the first n (a device count) real: attend, then update the
+        memory. Device work only, of one shape for every piece: it reads no host counter. Returns the
+        output and the selected units (-1 where none; None without units)."""
+        P, N, R, dev = q.shape[1], self.cfg.n_local, self.ring, q.device
+        t = torch.arange(P, device=dev)
+        real = t < n
+        at = self.pos_d + t  # the piece's positions
+        new = at % R  # padding lands in slots of tokens that already left the ring, marked empty
         self.ring_k.index_copy_(1, new, k)
         self.ring_kr.index_copy_(1, new, self.rope(k, at))
         self.ring_v.index_copy_(1, new, v)
         self.ring_score.index_fill_(1, new, 0.0)
-        self.ring_pos.index_copy_(0, new, at)
+        self.ring_pos.index_copy_(0, new, torch.where(real, at, -1))
 
         # Memory part: all its keys at position 0 and the queries at n_local - 1. The lookup comes
         # first, so that the selected units load from host memory while the local part is computed.
-        q_mem = self.rope(q, torch.full((T,), N - 1, device=dev))
-        selected = self._select(q_mem)
+        q_mem = self.rope(q, torch.full((P,), N - 1, device=dev))
+        selected = self._select(q_mem, real)
 
         # Local part: each query sees the n_local tokens up to itself. The ring is read in place, in
         # slot order (attention does not depend on the order of its keys), its slots' positions p
-        # telling which keys a query sees.
+        # telling which keys a query sees. Padding queries see nothing and add to no local score.
         p = self.ring_pos
-        mask_local = (p[None, :] <= at[:, None]) & (p[None, :] > at[:, None] - N) & (p >= 0)[None, :]
+        mask_local = (p[None, :] <= at[:, None]) & (p[None, :] > at[:, None] - N) & (p >= 0)[None, :] & real[:, None]
         local = self.attend_local(self.rope(q, at), self.ring_kr, self.ring_v, mask_local)
 
-        k_mem, v_mem, mask_mem, units = self._memory(T, selected)
+        k_mem, v_mem, mask_mem, chosen = self._memory(at, real, selected)
         out, col_sums = self.attend_memory(local, q_mem, k_mem, v_mem, mask_mem)
         self.ring_score += col_sums
-        self._retire(take, n_new)
-        self.pos_d += T
-        return out, units
+        self.pos_d += n
+        self._retire(P)
+        return out, chosen
 
-    def _select(self, q_mem):
-        """The lookup: (units, valid, slots) of the topk units for this chunk, their loads started."""
-        return self.units.lookup(q_mem)
+    def _select(self, q_mem, real):
+        """The lookup: (units, valid, slots) of the topk units for this piece, their loads started."""
+        return self.units.lookup(q_mem, real)
 
-    def _memory(self, T, selected):
+    def _memory(self, at, real, selected):
         """Keys, values and mask of the memory part: selected units, init tokens, and the far remainder.
         A remainder token is seen by a query more than n_local - 1 tokens after it, so every token is
         seen in exactly one part. (The authors' code lets each chunk see its whole far remainder,
         some of it also through the window; the difference is a few tokens per query.)"""
         cfg, dev = self.cfg, self.ring_k.device
-        k_init, v_init, mask_init = self._init_part(T)
-        # The oldest recent tokens: at most exc_block_size + block_size - 1 of them are out of some
-        # query's window.
-        far = self.start_d + torch.arange(cfg.exc_block_size + cfg.block_size, device=dev)
-        mask_far = (self.pos_d + torch.arange(T, device=dev))[:, None] - far[None, :] >= cfg.n_local
+        k_init, v_init, mask_init = self._init_part(real)
+        # The oldest recent tokens: at most P + block_size - 1 of them are out of some query's window.
+        far = self.start_d + torch.arange(at.shape[0] + cfg.block_size - 1, device=dev)
+        mask_far = (at[:, None] - far[None, :] >= cfg.n_local) & real[:, None]
         units, valid, slots = selected
         self.units.join_copies()
         Hkv, B, D = self.units.block
         k_units = self.units.pool_k[slots].transpose(0, 1).reshape(Hkv, -1, D)
         v_units = self.units.pool_v[slots].transpose(0, 1).reshape(Hkv, -1, D)
-        mask_units = valid.repeat_interleave(B)[None, :].expand(T, -1)
+        mask_units = valid.repeat_interleave(B)[None, :] & real[:, None]
         return (torch.cat([k_units, k_init, self.ring_k[:, far % self.ring]], dim=1),
                 torch.cat([v_units, v_init, self.ring_v[:, far % self.ring]], dim=1),
-                torch.cat([mask_units, mask_init, mask_far], dim=1), units)
+                torch.cat([mask_units, mask_init, mask_far], dim=1), torch.where(valid, units, -1))
 
-    def _init_part(self, T):
-        held = torch.arange(self.cfg.n_init, device=self.init_k.device) < self.n_init_d
-        return self.init_k, self.init_v, held[None, :].expand(T, -1)
+    def _init_part(self, real):
+        held = torch.arange(self.cfg.n_init + 1, device=self.init_k.device) < self.n_init_d
+        return self.init_k, self.init_v, held[None, :] & real[:, None]
 
-    def _retire(self, take, n_new):
+    def _retire(self, P):
         """Tokens that left the window fill init first; after that every full block_size run of them
-        becomes a memory unit, its representative key chosen by the tokens' local scores."""
-        dev = self.ring_k.device
-        if take:
-            src = (self.start_d + torch.arange(take, device=dev)) % self.ring
-            dst = self.n_init_d + torch.arange(take, device=dev)
+        becomes a memory unit, its representative key chosen by the tokens' local scores. How many of
+        each is known on the device only: a piece moves a fixed most of each, masked."""
+        cfg, dev, R = self.cfg, self.ring_k.device, self.ring
+        extra = self.pos_d - self.start_d - cfg.n_local  # tokens beyond the window
+        take = torch.minimum(cfg.n_init - self.n_init_d, extra).clamp(min=0)
+        most = min(cfg.n_init, P)  # while init fills, at most P tokens leave the window per piece
+        if most:
+            i = torch.arange(most, device=dev)
+            src = (self.start_d + i) % R
+            dst = torch.where(i < take, self.n_init_d + i, cfg.n_init)  # column n_init: scratch
             self.init_k.index_copy_(1, dst, self.ring_k[:, src])
             self.init_v.index_copy_(1, dst, self.ring_v[:, src])
             self.n_init_d += take
             self.start_d += take
-        if n_new:
-            B = self.cfg.block_size
-            src = (self.start_d + torch.arange(n_new * B, device=dev)) % self.ring
-            if self.use_units:
-                Hkv, _, D = self.ring_k.shape
-                k = self.ring_k[:, src].reshape(Hkv, n_new, B, D).transpose(0, 1)
-                v = self.ring_v[:, src].reshape(Hkv, n_new, B, D).transpose(0, 1)
-                score = self.ring_score[:, src].reshape(self.n_heads, n_new, B).transpose(0, 1)
-                self.units.add(k, v, kernels.representative_keys(k, score, self.cfg.repr_topk))
-            self.start_d += n_new * B
-
-    # The host's side: the counts that fix a chunk's shapes, and what a CUDA graph needs to replay one.
-
-    def plan(self, T):
-        """What a chunk of T tokens does to the memory, from the host's counters: (T, tokens that move to
-        init, new units). Tokens beyond the window fill init first, then every full block becomes a unit."""
-        extra = self.pos - self.start + T - self.cfg.n_local
-        take = min(self.cfg.n_init - self.n_init, max(extra, 0))
-        return T, take, max(extra - take, 0) // self.cfg.block_size
-
-    def advance(self, plan):
-        """The host's side of a chunk: what step() did to the device counters."""
-        T, take, n_new = plan
+        B = cfg.block_size
+        n_new = ((extra - take) // B).clamp(min=0)
         if self.use_units:
-            self.units.lookups += self.units.count > 0  # with no unit stored the lookup selects nothing
-            self.units.count += n_new
-        self.pos += T
-        self.n_init += take
-        self.start += take + n_new * self.cfg.block_size
-
-    def advance_host(self, T):
-        """The host's side of attend() for T tokens (after a CUDA graph did the device's side); returns
-        the plans of its exc_block_size pieces."""
-        out = []
-        for s in range(0, T, self.cfg.exc_block_size):
-            out.append(self.plan(min(self.cfg.exc_block_size, T - s)))
-            self.advance(out[-1])
-        return tuple(out)
-
-    def plans(self, T):
-        """The plans of a T-token forward, the host's counters untouched (what a CUDA graph is keyed by)."""
-        state = self.host_state()
-        out = self.advance_host(T)
-        self.set_host_state(state)
-        return out
-
-    def host_state(self):
-        u = (self.units.count, self.units.lookups) if self.use_units else ()
-        return (self.pos, self.start, self.n_init) + u
-
-    def set_host_state(self, s):
-        self.pos, self.start, self.n_init = s[:3]
-        if self.use_units:
-            self.units.count, self.units.lookups = s[3:]
+            most = new_units_most(cfg, P)
+            src = (self.start_d + torch.arange(most * B, device=dev)) % R
+            Hkv, _, D = self.ring_k.shape
+            k = self.ring_k[:, src].reshape(Hkv, most, B, D).transpose(0, 1)
+            v = self.ring_v[:, src].reshape(Hkv, most, B, D).transpose(0, 1)
+            score = self.ring_score[:, src].reshape(self.n_heads, most, B).transpose(0, 1)
+            self.units.add(k, v, kernels.representative_keys(k, score, cfg.repr_topk), n_new)
+        self.start_d += n_new * B
 
 
 class StreamCache(ContextMemory):
@@ -478,16 +465,16 @@ class StreamCache(ContextMemory):
 
     use_units = False
 
-    def _select(self, q_mem):
+    def _select(self, q_mem, real):
         return None
 
-    def _memory(self, T, selected):
-        return self._init_part(T) + (None,)
+    def _memory(self, at, real, selected):
+        return self._init_part(real) + (torch.full((1,), -1, device=at.device),)
 
 
 @functools.cache
 def _compiled_step():
-    return kernels.compiled(ContextMemory._attend_chunk)
+    return kernels.compiled(ContextMemory._attend_piece)
 
 
 def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None, kernel: str = "blocked"):
@@ -509,5 +496,5 @@ def memory_stats(caches) -> dict:
     """Lookups, unit-cache hits and misses summed over layers."""
     units = [c.units for c in caches if isinstance(c, ContextMemory) and c.use_units]
     hits, misses = sum(int(u.hits) for u in units), sum(int(u.misses) for u in units)
-    return {"units": sum(u.count for u in units), "lookups": sum(u.lookups for u in units),
+    return {"units": sum(u.count for u in units), "lookups": sum(int(u.lookups) for u in units),
             "hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}

@@ -84,11 +84,13 @@ def representative_keys(k_blocks, scores, repr_topk: int):
     return picked.to(_acc(picked)).mean(dim=2).to(k_blocks.dtype).reshape(n, -1)
 
 
-def score_units(q_mem, reprs):
-    """Relevance of every unit to a chunk: the chunk's memory-position queries [Hq, T, D] averaged over
-    tokens, concatenated over heads, dotted with each representative [n, Hq * D] -> [n]."""
+def score_units(q_mem, reprs, real):
+    """Relevance of every unit to a piece: the piece's memory-position queries [Hq, T, D] averaged over
+    its real tokens (real [T]: False for padding), concatenated over heads, dotted with each
+    representative [n, Hq * D] -> [n]."""
     acc = _acc(q_mem)
-    return reprs.to(acc) @ q_mem.to(acc).mean(dim=1).reshape(-1)
+    mean = (q_mem.to(acc) * real[:, None]).sum(dim=1) / real.sum().clamp(min=1)
+    return reprs.to(acc) @ mean.reshape(-1)
 
 
 def select_units(scores, topk: int):
@@ -116,16 +118,19 @@ def chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem,
     for s in range(0, T, block):
         e = min(s + block, T)
         t = e - s
-        ql = (q_local[:, s:e].to(acc) * scale).reshape(Hkv, G * t, D)
-        qm = (q_mem[:, s:e].to(acc) * scale).reshape(Hkv, G * t, D)
-        sl = (ql @ kl).view(Hkv, G, t, L).add_(bias_l[s:e])
-        sm = (qm @ km).view(Hkv, G, t, -1).add_(bias_m[s:e])
-        m = sl.amax(-1, keepdim=True)  # finite: a query always sees itself
+        # Scaled after the product: bf16 queries and keys stay exact in fp32, and so in TF32 on a GPU.
+        ql = q_local[:, s:e].to(acc).reshape(Hkv, G * t, D)
+        qm = q_mem[:, s:e].to(acc).reshape(Hkv, G * t, D)
+        sl = (ql @ kl).view(Hkv, G, t, L).mul_(scale).add_(bias_l[s:e])
+        sm = (qm @ km).view(Hkv, G, t, -1).mul_(scale).add_(bias_m[s:e])
+        m = sl.amax(-1, keepdim=True)
         if sm.shape[-1]:
             m = torch.maximum(m, sm.amax(-1, keepdim=True))
+        m = m.clamp(min=torch.finfo(acc).min)  # a padding query sees nothing: its row stays 0, not NaN
         sl.sub_(m).exp_()
         sm.sub_(m).exp_()
-        inv_z = 1.0 / (sl.sum(-1, keepdim=True) + sm.sum(-1, keepdim=True))
+        z = sl.sum(-1, keepdim=True) + sm.sum(-1, keepdim=True)
+        inv_z = torch.where(z > 0, 1.0 / z, 0.0)
         o = sl.view(Hkv, G * t, L) @ vl + sm.view(Hkv, G * t, -1) @ vm
         out[:, :, s:e] = o.view(Hkv, G, t, D) * inv_z
         col += inv_z.transpose(-1, -2) @ sl  # [Hkv, G, 1, t] @ [Hkv, G, t, L]: probabilities summed over queries
@@ -273,8 +278,8 @@ def join(stream):
 
 @torch.compiler.disable
 def scatter_to_host(src, dst, rows, stream=None):
-    """dst[rows[i]] = src[i], where dst lives in pinned host memory and src and rows on the GPU: the
-    write-back twin of gather_from_host. New units go to host storage at rows only the device knows. With a
+    """dst[rows[i]] = src[i] for every i with rows[i] >= 0, where dst lives in pinned host memory and src
+    and rows on the GPU: the write-back twin of gather_from_host. New units go to host storage at rows only the device knows. With a
     stream, as in gather_from_host: src and rows must stay untouched until join(stream)."""
     n = src.shape[0]
     if n == 0:
@@ -285,10 +290,10 @@ def scatter_to_host(src, dst, rows, stream=None):
 
 
 def compiled(fn):
-    """torch.compile for a function called with a few fixed shapes and plans (static ints): each gets its
-    own specialised graph (dynamic=False: a graph generalised over the chunk length would serve the
-    steady 512-query chunks too, with slower kernels), so the limit on recompilations is raised."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    """torch.compile for the piece step, called with two shapes (a piece, a decoding step): each gets its
+    own specialised graph (dynamic=False: a graph generalised over the number of queries would serve the
+    steady 512-query pieces too, with slower kernels). The one size that grows with the prompt, the unit
+    storage, is marked dynamic where it is allocated (MemoryUnits.reserve)."""
     return torch.compile(fn, dynamic=False)
 
 
@@ -350,9 +355,11 @@ if triton is not None:
     @triton.jit
     def _scatter_kernel(src, rows, dst_addr, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
         i, j = tl.program_id(0), tl.program_id(1)
-        # A host address, mapped for the GPU.
-        dst = dst_addr.to(tl.int64).to(tl.pointer_type(src.dtype.element_ty)) + tl.load(rows + i) * row_numel
-        for start in range(j * BLOCK, row_numel, SPLIT * BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = tl.load(src + i * row_numel + offs, mask=offs < row_numel)
-            tl.store(dst + offs, x, mask=offs < row_numel)
+        r = tl.load(rows + i)
+        if r >= 0:  # -1: a block that makes no unit
+            # A host address, mapped for the GPU.
+            dst = dst_addr.to(tl.int64).to(tl.pointer_type(src.dtype.element_ty)) + r * row_numel
+            for start in range(j * BLOCK, row_numel, SPLIT * BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                x = tl.load(src + i * row_numel + offs, mask=offs < row_numel)
+                tl.store(dst + offs, x, mask=offs < row_numel)

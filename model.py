@@ -138,13 +138,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * hd, args.dim, bias=False)
 
-    def forward(self, x, cache):
+    def forward(self, x, cache, n_valid=None):
         B, T, _ = x.shape
         a = self.args
         q = self.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        y = cache.attend(q, k, v)  # q, k unrotated: the cache decides their positions
+        y = cache.attend(q, k, v, n_valid)  # q, k unrotated: the cache decides their positions
         return self.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
 
 
@@ -167,8 +167,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cache)
+    def forward(self, x, cache, n_valid=None):
+        x = x + self.self_attn(self.input_layernorm(x), cache, n_valid)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -184,14 +184,16 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = Rotary(args)
 
-    def forward(self, tokens: torch.Tensor, caches: list, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, caches: list, last_only: bool = False, n_valid=None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only, which a long
-        prefill wants: the full logits of an 8K chunk would take gigabytes)."""
+        prefill wants: the full logits of an 8K chunk would take gigabytes). With n_valid (a device
+        count) only the first n_valid tokens are real, the rest padding: a CUDA graph replays inputs of
+        a fixed length."""
         x = self.embed_tokens(tokens)
         for layer, cache in zip(self.layers, caches):
-            x = layer(x, cache)
+            x = layer(x, cache, n_valid)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if n_valid is None else x.index_select(1, n_valid.view(1) - 1)
         return self.lm_head(self.norm(x)).float()
 
     def compile_blocks(self):

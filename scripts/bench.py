@@ -2,22 +2,30 @@
 
     python scripts/bench.py --shape mistral-7b --lengths 32K,128K --decode 64 [--attention infllm|full|stream]
                             [--repeats N] [--json] [--device cuda] [--kernel blocked|plain|compiled|flex] [--graphs]
+                            [--cold | --compile-cache DIR]
 
 Reports per length: prefill tokens/s, decode tokens/s, peak GPU GiB, peak host RSS GiB and the
-unit-cache hit rate, each the median over the repeats (see docs/benchmarks.md for measured figures).
+unit-cache hit rate, each the median over the repeats (the steady state), and beside them what a user's
+first prompt costs: run 1's prefill seconds (compilation and CUDA graph capture included) and the
+seconds from the process's start to the end of that prefill. --cold points the compile caches at an
+empty temporary folder (a fresh machine); by default they are generate.py's (a warm machine).
 """
+import time
+
+STARTED = time.time()  # the process's start, near enough: before torch is imported
+
 import argparse
 import gc
 import json
 import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import decode, forward_fn, peak_rss_gib, pick_device, prefill, UsageError  # noqa: E402
+from generate import decode, forward_fn, gpu_matmuls, peak_rss_gib, pick_device, prefill, use_compile_cache, UsageError  # noqa: E402
 from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
 from kernels import CHUNK_ATTENTION  # noqa: E402
 from model import DTYPES, ModelArgs, random_model  # noqa: E402
@@ -55,14 +63,17 @@ def measure(model, caches, forward, chunk, length, n_decode, device, seed):
         torch.cuda.reset_peak_memory_stats()
     sync()
     t0 = time.perf_counter()
-    logits = prefill(model, caches, ids, chunk, forward=forward)
+    logits = prefill(model, caches, ids, chunk, forward=forward, room=n_decode)
     sync()
     t1 = time.perf_counter()
+    since_start = time.time() - STARTED
     new = decode(model, caches, logits, n_decode, forward=forward)
     sync()
     t2 = time.perf_counter()
     return {
         "prefill_tok_s": length / (t1 - t0),
+        "prefill_s": t1 - t0,
+        "since_start_s": since_start,
         "decode_tok_s": (len(new) - 1) / (t2 - t1) if len(new) > 1 else None,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "hit_rate": memory_stats(caches)["hit_rate"],
@@ -84,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: chunk_size of the InfLLM settings)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--profile", action="store_true", help="also print where one prefill spends its time")
+    p.add_argument("--cold", action="store_true", help="compile with empty caches, as on a fresh machine")
+    p.add_argument("--compile-cache", metavar="DIR", default=None, help="compile caches (default: generate.py's)")
     args = p.parse_args(argv)
     try:
         device = pick_device(args.device)
@@ -95,8 +108,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cache = use_compile_cache(tempfile.mkdtemp(prefix="infllm-cold-") if args.cold else args.compile_cache)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # exact for bf16 inputs: TF32 holds their mantissas
+        gpu_matmuls(dtype)
     model = random_model(SHAPES[args.shape], device=device, dtype=dtype)
     if args.kernel in ("compiled", "flex"):
         model.compile_blocks()  # as generate.py --compile does
@@ -112,6 +126,9 @@ def main(argv=None) -> int:
                "decode_tok_s_all": [round(r["decode_tok_s"], 2) for r in runs],
                "peak_gpu_gib": max(r["peak_gpu_gib"] for r in runs) if device.type == "cuda" else None,
                "peak_rss_gib": peak_rss_gib(), "hit_rate": med("hit_rate"),
+               # the first prompt as a user meets it: compilation and graph capture included
+               "first_prefill_s": round(runs[0]["prefill_s"], 3), "first_since_start_s": round(runs[0]["since_start_s"], 3),
+               "compile_cache": str(cache) + (" (cold)" if args.cold else ""),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype)}
         rows.append(row)
         if args.json:
@@ -121,7 +138,8 @@ def main(argv=None) -> int:
             hit = f"{row['hit_rate']:.1%}" if row["hit_rate"] is not None else "-"
             print(f"{args.shape} {args.attention} {n:>8} tokens: prefill {row['prefill_tok_s']:9.0f} tok/s, "
                   f"decode {row['decode_tok_s']:7.2f} tok/s, peak GPU {gpu}, peak RSS {row['peak_rss_gib']:.1f} GiB, "
-                  f"unit-cache hit rate {hit}", flush=True)
+                  f"unit-cache hit rate {hit}; first prompt: prefill {row['first_prefill_s']:.1f} s, "
+                  f"{row['first_since_start_s']:.1f} s after the process started", flush=True)
     if args.profile:  # the last length again, in the warm caches (compiled, graphs captured)
         profile(model, caches, forward, args.chunk or cfg.chunk_size, lengths[-1], device)
     return 0

@@ -48,12 +48,11 @@ def main(argv=None) -> int:
             c.reserve(len(ids) + args.new_tokens)  # now, so that no later growth drops captured graphs
         warm = 0.0
         if device.type == "cuda":
-            # Compile and capture outside the timing, on a prompt of three chunks and the same remainder:
-            # it has every kind of chunk and of decoding step that the long one has (a sweep of passkey
-            # prompts of one length pays this once).
+            # Compile and capture outside the timing, on a short prompt: every forward is a piece or a token
+            # whatever the prompt's length, so any prompt of a piece and a decoding step compiles them all.
             sync()
             t0 = time.perf_counter()
-            short = ids[:3 * cfg.chunk_size + len(ids) % cfg.chunk_size]
+            short = ids[:cfg.exc_block_size + 2]
             decode(model, caches, prefill(model, caches, short, cfg.chunk_size, forward=forward), args.new_tokens,
                    forward=forward)
             for c in caches:

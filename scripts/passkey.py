@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from generate import UsageError, decode, fast_kernel, forward_fn, load, pick_device, prefill  # noqa: E402
+from generate import (UsageError, decode, fast_kernel, forward_fn, gpu_matmuls, load, pick_device, prefill,  # noqa: E402
+                      use_compile_cache)
 from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
 from model import DTYPES, CheckpointError  # noqa: E402
 from tokenizer import TokenizerError, chat_prompt  # noqa: E402
@@ -181,7 +182,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys")
     p.add_argument("--compile", action="store_true",
-                   help="as generate.py --compile: compiled steps, and CUDA graphs on a GPU (the first trial of each length pays the compilation)")
+                   help="as generate.py --compile: compiled layers and piece steps (the first trial pays the compilation)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--full-max-length", default="16K", help="skip full attention above this length (quadratic)")
     p.add_argument("--out", default=None, help="JSON lines file, one line per trial")
@@ -254,10 +255,14 @@ def read_records(path) -> list[dict]:
     return out
 
 
-def compiled_runner(model, mode, cfg, device):
-    """The caches and forward of --compile for one mode, kept for the whole sweep: the caches are reset
-    between trials, so the compiled steps and the CUDA graphs serve every trial of a length."""
-    caches = make_caches(model, mode, cfg, kernel=fast_kernel(device, mode))
+def sweep_runner(model, mode, cfg, device, compile_, longest):
+    """The caches and forward of one mode, kept for the whole sweep (--compile, or CUDA graphs on a GPU):
+    the caches are reset between trials and sized once for the longest prompt, so the compiled steps and
+    the two CUDA graphs serve every trial of every length."""
+    caches = make_caches(model, mode, cfg, kernel=fast_kernel(device, mode) if compile_ else "blocked")
+    for c in caches:
+        if hasattr(c, "reserve"):
+            c.reserve(longest + MAX_NEW_TOKENS)
     return caches, forward_fn(model, caches, graphs=device.type == "cuda" and mode != "full")
 
 
@@ -271,7 +276,7 @@ def run_trial(model, tok, ids, key, mode, cfg, device, runner=None) -> dict:
         caches, forward = runner
         for c in caches:
             c.reset()
-    logits = prefill(model, caches, ids, cfg.chunk_size, forward=forward)
+    logits = prefill(model, caches, ids, cfg.chunk_size, forward=forward, room=MAX_NEW_TOKENS)
     new = decode(model, caches, logits, MAX_NEW_TOKENS, stop_ids=set(tok.eos_ids), forward=forward)
     sync()
     answer = tok.decode(new)
@@ -284,7 +289,7 @@ def sweep(args, records: list[dict], write) -> None:
     done = {ident(r) for r in records}
     keys = trial_keys(args.seed, args.trials)
     model = tok = wrap = None
-    runners = {}  # --compile: mode -> (caches, forward)
+    runners = {}  # --compile or a GPU: mode -> (caches, forward)
     for length in args.lengths:
         for depth in sorted({d for m in args.modes for d in args.mode_depths[m]}):
             for trial, key in enumerate(keys):
@@ -301,6 +306,9 @@ def sweep(args, records: list[dict], write) -> None:
                         rec["skipped"] = f"full attention above --full-max-length {length_label(args.full_max)}"
                     else:
                         if model is None:  # loaded only when some trial needs it (a resumed sweep may be done)
+                            if device.type == "cuda":
+                                use_compile_cache()
+                                gpu_matmuls(DTYPES[args.dtype_name])
                             model, tok = load(args.ckpt, device, DTYPES[args.dtype_name])
                             if args.compile:
                                 model.compile_blocks()
@@ -308,8 +316,8 @@ def sweep(args, records: list[dict], write) -> None:
                         if ids is None:
                             ids = build_prompt(tok, length, depth, key, wrap)
                         rec["prompt_tokens"] = len(ids)
-                        if args.compile and mode not in runners:
-                            runners[mode] = compiled_runner(model, mode, args.cfg, device)
+                        if (args.compile or (device.type == "cuda" and mode != "full")) and mode not in runners:
+                            runners[mode] = sweep_runner(model, mode, args.cfg, device, args.compile, max(args.lengths))
                         rec.update(run_trial(model, tok, ids, key, mode, args.cfg, device, runners.get(mode)))
                         print(f"{mode:6} {length_label(length):>5} ({len(ids)} tok) depth {depth:.2f} trial {trial}: "
                               f"{'found' if rec['found'] else 'MISSED'} {rec['answer']!r} (key {key}), "

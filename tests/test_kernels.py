@@ -156,12 +156,13 @@ def test_causal_attention_matches_dense():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 30), st.integers(1, 8), st.integers(0, 2**16))
-def test_select_units_picks_the_best(n, topk, seed):
+@given(st.integers(1, 30), st.integers(1, 8), st.integers(1, 5), st.integers(0, 2**16))
+def test_select_units_picks_the_best(n, topk, real, seed):
+    """Units scored by the mean of a piece's real queries (padding after them ignored), the best kept."""
     g = torch.Generator().manual_seed(seed)
-    q, reprs = torch.randn(4, 3, 8, generator=g), torch.randn(n, 32, generator=g)
-    scores = kernels.score_units(q, reprs)
-    assert torch.allclose(scores, reprs @ q.mean(1).reshape(-1), atol=1e-5)
+    q, reprs = torch.randn(4, 5, 8, generator=g), torch.randn(n, 32, generator=g)
+    scores = kernels.score_units(q, reprs, torch.arange(5) < real)
+    assert torch.allclose(scores, reprs @ q[:, :real].mean(1).reshape(-1), atol=1e-5)
     chosen = kernels.select_units(scores, topk).tolist()
     assert chosen == sorted(chosen) and len(chosen) == min(n, topk)
     others = [i for i in range(n) if i not in chosen]
