@@ -127,11 +127,15 @@ def use_compile_cache(folder=None) -> Path:
     return folder
 
 
-def fast_kernel(device, attention="infllm") -> str:
-    """The chunk attention of --compile: FlexAttention's fused kernels for InfLLM on a GPU; else the
+def fast_kernel(device, attention="infllm", compile_=True) -> str:
+    """The chunk attention to run. Compiled: FlexAttention's fused kernels for InfLLM on a GPU; else the
     compiled blocked kernel (inductor's CPU FlexAttention cannot return the log-sum-exp yet, and with the
-    stream cache's memory part, init tokens alone, inductor 2.11 fails to generate the fused kernel)."""
-    return "flex" if torch.device(device).type == "cuda" and attention == "infllm" else "compiled"
+    stream cache's memory part, init tokens alone, inductor 2.11 fails to generate the fused kernel).
+    Eager: one memory-efficient attention call on a GPU, the blocked kernel on a CPU."""
+    gpu = torch.device(device).type == "cuda"
+    if not compile_:
+        return "fused" if gpu else "blocked"
+    return "flex" if gpu and attention == "infllm" else "compiled"
 
 
 def forward_fn(model, caches, graphs=False):
@@ -280,7 +284,7 @@ def run(args) -> dict:
     if not args.no_progress and not args.json:
         from tqdm import tqdm
         progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
-    caches = make_caches(model, args.attention, cfg, kernel=fast_kernel(device, args.attention) if compile_ else "blocked")
+    caches = make_caches(model, args.attention, cfg, kernel=fast_kernel(device, args.attention, compile_))
     # On a GPU the model's forwards are replayed from CUDA graphs, compiled or not (not for full attention:
     # its cache grows).
     forward = forward_fn(model, caches, graphs=device.type == "cuda" and args.attention != "full")

@@ -137,6 +137,33 @@ def chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem,
     return out.reshape(Hq, T, D).to(q_local.dtype), col.reshape(Hq, L).float()
 
 
+def chunk_attention_fused(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
+    """chunk_attention for the eager GPU path: both parts in one call of PyTorch's fused memory-efficient
+    attention (no compilation), which takes an additive mask and returns the log-sum-exp. The two parts have
+    queries at different positions, so they sit side by side along the head dimension: [q_local, q_mem]
+    dotted with [k, 0] for a window key and [0, k] for a memory key gives each key the logit of its own part,
+    and one softmax covers the union. The local column sums come from local_column_sums. Same results as
+    chunk_attention up to bf16 rounding. A decoding step (one query) takes the blocked kernel: the fused call
+    would copy every key and value once per query head for a single query. So does a CPU."""
+    if not q_local.is_cuda or q_local.shape[1] == 1:
+        return chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
+    Hq, T, D = q_local.shape
+    L = k_local.shape[1] + k_mem.shape[1]
+    pad = -L % 16  # the kernel reads the mask in rows aligned to 16 elements
+    q = torch.cat([q_local, q_mem], dim=-1)
+    k = torch.cat([F.pad(k_local, (0, D)), F.pad(k_mem, (D, 0))], dim=1)
+    v = torch.cat([v_local, v_mem], dim=1)
+    k, v = (expand_kv(F.pad(x, (0, 0, 0, pad)), Hq) for x in (k, v))
+    mask = F.pad(torch.cat([mask_local, mask_mem], dim=1), (0, pad))
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q[None], k[None], v[None], bias[None, None].expand(1, Hq, T, L + pad), True, scale=1.0 / math.sqrt(D))[:2]
+    seen = mask.any(dim=1)[:, None]  # a padding query sees nothing: 0, not the kernel's NaN
+    out = torch.where(seen, out[0], 0.0)
+    lse = lse[0, :, :T].float()
+    return out.to(q_local.dtype), local_column_sums(q_local, k_local, lse, mask_local)
+
+
 def chunk_attention_flex(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
     """chunk_attention as two FlexAttention calls, which under torch.compile on a GPU become fused
     flash-style kernels: bf16 tensor cores, fp32 softmax, no probability matrix written to memory. Each
@@ -303,11 +330,13 @@ def in_one_go(chunk_attention_fn):
     return (lambda *local: local), (lambda local, *memory: chunk_attention_fn(*local, *memory))
 
 
-# Each entry: (local part, memory part). "compiled": the blocked kernel in one block, which ContextMemory
+# Each entry: (local part, memory part). "fused": one call of PyTorch's memory-efficient attention on a GPU
+# (the eager GPU path; the blocked kernel elsewhere). "compiled": the blocked kernel in one block, which ContextMemory
 # compiles together with the rest of its chunk step (inductor fuses the masking, softmax and column-sum
 # passes over the probabilities). "flex": FlexAttention, compiled with the chunk step on a GPU (fused
 # kernels); on a CPU it runs unfused.
 CHUNK_ATTENTION = {"plain": in_one_go(chunk_attention), "blocked": in_one_go(chunk_attention_blocked),
+                   "fused": in_one_go(chunk_attention_fused),
                    "compiled": in_one_go(functools.partial(chunk_attention_blocked, block=None)),
                    "flex": (flex_local_part, flex_memory_part)}
 

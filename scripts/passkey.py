@@ -259,7 +259,7 @@ def sweep_runner(model, mode, cfg, device, compile_, longest):
     """The caches and forward of one mode, kept for the whole sweep (--compile, or CUDA graphs on a GPU):
     the caches are reset between trials and sized once for the longest prompt, so the compiled steps and
     the two CUDA graphs serve every trial of every length."""
-    caches = make_caches(model, mode, cfg, kernel=fast_kernel(device, mode) if compile_ else "blocked")
+    caches = make_caches(model, mode, cfg, kernel=fast_kernel(device, mode, compile_))
     for c in caches:
         if hasattr(c, "reserve"):
             c.reserve(longest + MAX_NEW_TOKENS)

@@ -39,7 +39,7 @@ def test_gather_from_host_reads_pinned_rows():
     assert torch.equal(dst.cpu(), expect)
 
 
-@pytest.mark.parametrize("kernel", ["blocked", "compiled", "flex"])
+@pytest.mark.parametrize("kernel", ["blocked", "fused", "compiled", "flex"])
 def test_fast_path_equals_plain_path(kernel):
     cpu_model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0)
     model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
@@ -67,8 +67,8 @@ def test_bf16_fast_path_close_to_fp32_plain():
     assert (a - b).abs().max() < 0.1 * a.abs().max()
 
 
-@pytest.mark.parametrize("attention, kernel", [("infllm", "blocked"), ("infllm", "compiled"), ("infllm", "flex"),
-                                               ("stream", "blocked"), ("stream", "compiled")])
+@pytest.mark.parametrize("attention, kernel", [("infllm", "fused"), ("infllm", "compiled"), ("infllm", "flex"),
+                                               ("stream", "fused"), ("stream", "compiled")])
 def test_cuda_graphs_replay_the_same_forward(attention, kernel):
     """Forwards replayed from CUDA graphs give the logits, selections and statistics of running them, over
     prompts of three lengths in the same caches (reset between them); the two kinds of forward (a padded
@@ -137,6 +137,23 @@ def test_fused_flex_equals_plain(shape, pos, held, seed):
     out, col = fused_flex()(*args)
     ref_out, ref_col = kernels.chunk_attention(*(a.double() if a.is_floating_point() else a for a in args))
     assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    assert torch.allclose(col.double(), ref_col.double(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("shape", FLEX_SHAPES, ids=lambda s: f"T{s['T']}-N{s['N']}-D{s['D']}-G{s['group']}")
+@settings(max_examples=3, deadline=None)
+@given(st.integers(0, 2000), st.integers(0, 128), st.integers(0, 20), st.integers(0, 2**16))
+def test_fused_eager_attention_equals_plain(shape, pos, held, padding, seed):
+    """The eager GPU kernel (both parts in one memory-efficient attention call) against the float64 plain
+    path, with the last queries of the piece padding (they see nothing: zero output, no column sums)."""
+    import kernels
+    args = list(window_case(dict(shape, pos=pos, held=held, seed=seed), dtype=torch.bfloat16, device="cuda", D=shape["D"]))
+    real = torch.arange(shape["T"], device="cuda") < shape["T"] - min(padding, shape["T"] - 1)
+    args[3], args[7] = args[3] & real[:, None], args[7] & real[:, None]
+    out, col = kernels.chunk_attention_fused(*args)
+    ref_out, ref_col = kernels.chunk_attention(*(a.double() if a.is_floating_point() else a for a in args))
+    assert out.dtype == torch.bfloat16 and not out[:, ~real].any()
     assert torch.allclose(out.double(), ref_out, atol=2e-2, rtol=2e-2)
     assert torch.allclose(col.double(), ref_col.double(), atol=2e-3, rtol=2e-3)
 
