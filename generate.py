@@ -1,15 +1,19 @@
 """Read a long prompt with InfLLM's context memory (or a baseline) and answer it.
 
     python generate.py --ckpt DIR --prompt-file long.txt [--chat] [--attention infllm|stream|full]
+    python generate.py --ckpt DIR --prompt-file doc.txt --save-memory doc.mem --max-new-tokens 0
+    python generate.py --ckpt DIR --load-memory doc.mem --prompt-file question.txt
+    python generate.py --ckpt DIR --prompt-file doc.txt --interactive    (questions from stdin)
 
 Text streams to stdout; figures (prompt tokens, prefill and decode speed, peak memory) go to stderr,
-or everything as one JSON object with --json.
+or everything as one JSON object with --json. In Python, Reader does the same (see its docstring).
 """
 import time
 
 STARTED = time.time()  # the process's start, near enough: before torch is imported
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -19,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from infllm import ContextMemory, InfLLMConfig, make_caches, memory_stats
-from model import DTYPES, CheckpointError, load_model
+from infllm import (ContextMemory, InfLLMConfig, SnapshotError, load_memory, make_caches, memory_plan, memory_stats,
+                    read_snapshot_header, save_memory)
+from model import DTYPES, CheckpointError, checkpoint_fingerprint, load_model
 from tokenizer import TokenizerError, chat_prompt, load_tokenizer
 
 
@@ -196,7 +201,212 @@ def decode(model, caches, logits, max_new_tokens, stop_ids=(), temperature=0.0, 
     return out
 
 
-def read_prompt(args) -> str:
+GiB = 2**30
+ROOM = 4096  # tokens reserved after a document for the questions and answers that follow it
+
+
+def size(n_bytes) -> str:
+    return f"{n_bytes / GiB:.1f} GiB" if n_bytes >= GiB / 10 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def free_host_memory() -> int:
+    """Bytes of host memory the OS can give without swapping (Linux: MemAvailable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_gpu_memory(device) -> int:
+    """Bytes free on the GPU, counting what torch's allocator holds but does not use."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def chat_turn(ckpt, tok) -> tuple[str, str]:
+    """The text before and after a user's message in the checkpoint's chat format: a document opens the
+    turn, each question closes it."""
+    marker = "\x00"
+    before, after = chat_prompt(ckpt, tok, marker).split(marker)
+    return before, after
+
+
+class Reader:
+    """A checkpoint loaded once, a document read into the context memory once, questions asked about it.
+
+        from generate import Reader
+        r = Reader("checkpoints/smollm2-135m-instruct")  # device, dtype, attention, infllm settings, chat
+        r.read(open("logbook.txt").read())               # the prefill, once
+        r.ask("\nWhat was the code?", on_text=print)     # from the memory as it was after the document
+        r.ask("\nWho signed?")                           # (the first question and answer are forgotten)
+        r.save("logbook.mem")                            # later, in another process: r.load("logbook.mem")
+
+    A question is the document's continuation: its tokens follow the document's (no BOS), fed in the
+    same pieces as in one process that read both, so the answer is the same. The memory after the
+    document is kept as a mark (a snapshot without the units, which never change once made) and every
+    question starts by rewinding to it. generate.py is this class behind a command line."""
+
+    def __init__(self, ckpt, device=None, dtype=None, attention="infllm", infllm="", chat=False, compile=None,
+                 compile_cache=None, progress=False, host_memory=None, gpu_memory=None):
+        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        cuda = self.device.type == "cuda"
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or (torch.bfloat16 if cuda else torch.float32)
+        self.cfg = infllm if isinstance(infllm, InfLLMConfig) else InfLLMConfig.parse(infllm)
+        if not Path(ckpt).is_dir():
+            raise UsageError(f"checkpoint folder {ckpt} does not exist")
+        self.ckpt, self.attention, self.progress = Path(ckpt), attention, progress
+        self.compiled = compile if compile is not None else cuda and COMPILE_ON_GPU
+        if self.compiled or cuda:  # the eager GPU path has Triton kernels of its own to keep
+            use_compile_cache(compile_cache)
+        if cuda:
+            gpu_matmuls(self.dtype)
+        self.model, self.tok = load(ckpt, self.device, self.dtype)
+        if self.compiled:
+            self.model.compile_blocks()
+        self.chat = chat_turn(ckpt, self.tok) if chat else ("", "")
+        self.caches = make_caches(self.model, attention, self.cfg, kernel=fast_kernel(self.device, attention, self.compiled))
+        # On a GPU the forwards are replayed from CUDA graphs, compiled or not (not for full attention:
+        # its cache grows).
+        self.forward = forward_fn(self.model, self.caches, graphs=cuda and attention != "full")
+        self.budget = {"host": host_memory, "GPU": gpu_memory}  # bytes the caches may take; None: what is free
+        self.reserved = 0  # tokens the caches have room for
+        self.mark = None  # the memory after the document
+        self.figures = {}  # of the last read or question: tokens, seconds
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the memory now."""
+        return self.caches[0].pos
+
+    def read(self, document: str, whole_turn=False, room=ROOM) -> torch.Tensor:
+        """Read a document from the start (BOS first) and mark the memory after it. With chat, the
+        document opens a user turn that each question closes (whole_turn: the prompt is the whole turn).
+        Returns the logits after its last token."""
+        for c in self.caches:
+            c.reset()
+        self.mark = None
+        head, tail = self.chat
+        logits = self.feed(self.tok.encode(head + document + (tail if whole_turn else ""), bos=True), room)
+        self.mark = [c.snapshot(storage=False) for c in self.caches]
+        return logits
+
+    def ask(self, question: str, max_new_tokens=128, on_text=None, **sampling) -> str:
+        """Answer a question from the memory after the document; on_text(new_text) streams the answer."""
+        t0 = time.perf_counter()
+        self.rewind()
+        logits = self.feed(self.tok.encode(question + self.chat[1]), room=max_new_tokens)
+        text = self.answer(logits, max_new_tokens, on_text, **sampling)
+        self.figures["answer_s"] = time.perf_counter() - t0  # rewind, question and answer
+        return text
+
+    def rewind(self):
+        """Back to the memory right after the document: what came since is forgotten."""
+        if self.mark is None:
+            raise UsageError("there is no document to ask about: read one or load a memory snapshot first")
+        for c, m in zip(self.caches, self.mark):
+            c.restore(m)
+
+    def feed(self, ids: list[int], room=0) -> torch.Tensor:
+        """Append ids to the memory (chunked prefill, the last token alone); the logits after the last."""
+        self.check_memory(self.tokens + len(ids) + room)
+        progress = None
+        if self.progress and len(ids) > self.cfg.chunk_size:
+            from tqdm import tqdm
+            progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
+        self._sync()
+        t0 = time.perf_counter()
+        logits = prefill(self.model, self.caches, ids, self.cfg.chunk_size, progress, self.forward, room)
+        self._sync()
+        self.figures = {"prompt_tokens": len(ids), "prefill_s": time.perf_counter() - t0,
+                        "first_token_s": time.time() - STARTED}
+        if progress is not None:
+            progress.close()
+        return logits
+
+    def answer(self, logits, max_new_tokens=128, on_text=None, temperature=0.0, top_k=None, seed=None) -> str:
+        """Generate from logits (of feed, read or ask); on_text(new_text) gets the text as it grows."""
+        shown = [""]
+
+        def stream(out_ids):  # pass on what the new tokens add to the decoded text
+            now = self.tok.decode(out_ids)
+            if on_text is not None and not now.endswith("\ufffd"):  # wait for a whole UTF-8 character
+                on_text(now[len(shown[0]):])
+                shown[0] = now
+
+        t0 = time.perf_counter()
+        new = decode(self.model, self.caches, logits, max_new_tokens, set(self.tok.eos_ids), temperature, top_k,
+                     seed, on_token=stream, forward=self.forward)
+        self._sync()
+        text = self.tok.decode(new)
+        if on_text is not None and len(text) > len(shown[0]):
+            on_text(text[len(shown[0]):])
+        # The first new token comes from the prefill's logits; each later one costs a decoding step.
+        secs = time.perf_counter() - t0
+        self.figures |= {"new_tokens": len(new), "decode_tok_s": (len(new) - 1) / secs if len(new) > 1 else None}
+        return text
+
+    def header(self) -> dict:
+        """What a snapshot must share with this reader to be loaded (see infllm.load_memory)."""
+        cfg = {k: v for k, v in vars(self.cfg).items() if k != "max_cached_block"}  # the pool: speed only
+        return {"checkpoint": checkpoint_fingerprint(self.ckpt), "dtype": str(self.dtype).removeprefix("torch."),
+                "attention": self.attention, "settings": json.dumps(cfg if self.attention != "full" else {}),
+                "chat": bool(self.chat[0] or self.chat[1])}
+
+    def save(self, path) -> int:
+        """Write the memory after the document to path (safetensors); returns its size in bytes."""
+        if self.mark is not None:
+            self.rewind()
+        self._sync()
+        return save_memory(path, self.caches, self.header() | {"tokens": self.tokens})
+
+    def load(self, path):
+        """Read a snapshot written by save (by this or another process) as the document."""
+        meta = read_snapshot_header(path)
+        n = int(meta.get("tokens", 0))
+        self.check_memory(n + ROOM)
+        for c in self.caches:
+            c.reset()
+            c.reserve(n + ROOM)  # at once, exactly: growing by a question later would copy it all
+        self.reserved = max(self.reserved, n + ROOM)
+        load_memory(path, self.caches, self.header())
+        self.mark = [c.snapshot(storage=False) for c in self.caches]
+
+    def check_memory(self, n_tokens):
+        """Refuse, before any work, a sequence whose caches do not fit in the memory that is free."""
+        if n_tokens <= self.reserved:
+            return
+        plan = functools.partial(memory_plan, self.model.args, self.attention, self.cfg, dtype=self.dtype,
+                                 device=self.device)
+        need, held = plan(n_tokens=n_tokens), plan(n_tokens=self.reserved)
+        for where, key in (("host", "host"), ("GPU", "device")):
+            more = need[key] - held[key]
+            if more <= 0:
+                continue
+            free = self.budget[where]
+            if free is None:
+                free = free_host_memory() if where == "host" else free_gpu_memory(self.device)
+            if more > free:
+                parts = [f"{k} {size(v)}" for k, v in need["parts"].items()
+                         if need["where"][k] == key and v >= 0.05 * need[key]]
+                hint = ("set --infllm unit_dtype=fp8 (half the units' bytes) or " if self.attention == "infllm"
+                        and self.cfg.unit_dtype != "fp8" and "memory units" in need["parts"] and where == "host"
+                        else "lower --infllm max_cached_block or " if where == "GPU" and self.attention == "infllm" else "")
+                raise UsageError(f"a memory of {n_tokens:,} tokens needs {size(need[key])} of {where} memory "
+                                 f"({', '.join(parts)}), {size(more)} more than it holds now, but "
+                                 f"{size(free)} is free: {hint}use a shorter prompt")
+        self.reserved = n_tokens
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def read_prompt(args) -> str | None:
+    if args.prompt is None and args.prompt_file is None:
+        return None
     if args.prompt is not None:
         text = args.prompt
     else:
@@ -229,8 +439,8 @@ def peak_rss_gib() -> float:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="Hugging Face style checkpoint folder")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (with --load-memory: the question)")
     src.add_argument("--prompt-file", help="file holding the prompt (UTF-8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -239,113 +449,146 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--attention", choices=["infllm", "stream", "full"], default="infllm")
     p.add_argument("--infllm", default="", metavar="KEY=VALUE,...",
-                   help="InfLLM settings, e.g. n_local=4096,topk=16 (defaults: the authors' Mistral config)")
+                   help="InfLLM settings, e.g. n_local=4096,topk=16,unit_dtype=fp8 (defaults: the authors' Mistral config)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the layers and the piece step (default: no; worth it for prompts of several hundred K tokens once the compile cache is warm)")
     p.add_argument("--compile-cache", metavar="DIR", default=None,
                    help="where compiled programs are kept between runs (default: $INFLLM_COMPILE_CACHE or ~/.cache/infllm/compile)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--save-memory", metavar="FILE", help="the prompt is a document: save the memory after it to FILE "
+                   "(with --chat its user turn stays open for the questions); --max-new-tokens 0 only reads")
+    p.add_argument("--load-memory", metavar="FILE", help="start from a saved document; the prompt is a question that follows it")
+    p.add_argument("--interactive", action="store_true", help="after the document (the prompt or --load-memory), "
+                   "answer questions from stdin, one per line, each from the memory after the document")
+    p.add_argument("--host-memory", type=float, metavar="GIB", help="host memory the caches may take (default: what is free)")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB", help="GPU memory the caches may take (default: what is free)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (per question) instead of streaming text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
-def run(args) -> dict:
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    cfg = InfLLMConfig.parse(args.infllm)
-    if args.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
-    text = read_prompt(args)
-    if not Path(args.ckpt).is_dir():
-        raise UsageError(f"checkpoint folder {args.ckpt} does not exist")
-    compile_ = args.compile if args.compile is not None else device.type == "cuda" and COMPILE_ON_GPU
-    if compile_ or device.type == "cuda":  # the eager GPU path has Triton kernels of its own to keep
-        use_compile_cache(args.compile_cache)
-    if device.type == "cuda":
-        gpu_matmuls(dtype)
-    model, tok = load(args.ckpt, device, dtype)
-    if compile_:
-        model.compile_blocks()
-    if args.chat:
-        text = chat_prompt(args.ckpt, tok, text)
-    ids = tok.encode(text, bos=True)
-    if args.attention == "full" and len(ids) > model.args.max_seq_len:
-        print(f"warning: the prompt has {len(ids)} tokens, more than the {model.args.max_seq_len} this model was "
-              "trained on; full attention will likely fail past that (try --attention infllm)", file=sys.stderr)
+def check_args(args, text):
+    if args.max_new_tokens < 0 or (args.max_new_tokens == 0 and not args.save_memory):
+        raise UsageError("--max-new-tokens must be at least 1 (0 only with --save-memory: read and save)")
+    if args.save_memory and args.load_memory:
+        raise UsageError("--save-memory and --load-memory go to separate runs: save a document, then load it to ask")
+    if args.save_memory and args.interactive:
+        raise UsageError("--save-memory and --interactive go to separate runs: save a document, then load it with --interactive")
+    if text is None and not (args.load_memory and args.interactive):
+        raise UsageError("give a prompt (--prompt or --prompt-file); only --load-memory with --interactive needs none")
+    if text is not None and args.load_memory and args.interactive:
+        raise UsageError("with --load-memory and --interactive the questions come from stdin: drop the prompt")
 
-    progress = None
-    if not args.no_progress and not args.json:
-        from tqdm import tqdm
-        progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
-    caches = make_caches(model, args.attention, cfg, kernel=fast_kernel(device, args.attention, compile_))
-    # On a GPU the model's forwards are replayed from CUDA graphs, compiled or not (not for full attention:
-    # its cache grows).
-    forward = forward_fn(model, caches, graphs=device.type == "cuda" and args.attention != "full")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t0 = time.perf_counter()
-    logits = prefill(model, caches, ids, cfg.chunk_size, progress, forward, room=args.max_new_tokens)
-    sync()
-    t1 = time.perf_counter()
-    first_token_at = time.time() - STARTED
-    if progress is not None:
-        progress.close()
 
-    shown = [""]
-
-    def stream(out_ids):  # print what the new tokens add to the decoded text
-        text_now = tok.decode(out_ids)
-        if not args.json and not text_now.endswith("\ufffd"):  # wait for a whole UTF-8 character
-            sys.stdout.write(text_now[len(shown[0]):])
-            sys.stdout.flush()
-            shown[0] = text_now
-
-    new = decode(model, caches, logits, args.max_new_tokens, set(tok.eos_ids), args.temperature,
-                 args.top_k, args.seed, on_token=stream, forward=forward)
-    sync()
-    t2 = time.perf_counter()
-    answer = tok.decode(new)
-    if not args.json:
-        sys.stdout.write(answer[len(shown[0]):] + "\n")
-        sys.stdout.flush()
-    stats = memory_stats(caches)
+def figures(r: Reader, text: str) -> dict:
+    f = r.figures
+    stats = memory_stats(r.caches)
+    cuda = r.device.type == "cuda"
     return {
-        "text": answer,
-        "prompt_tokens": len(ids),
-        "new_tokens": len(new),
-        "compiled": compile_,
+        "text": text,
+        "prompt_tokens": f["prompt_tokens"],
+        "memory_tokens": r.tokens,
+        "new_tokens": f.get("new_tokens", 0),
+        "compiled": r.compiled,
         # From the process's start, compilation and loading included: what a user waits for.
-        "first_token_s": round(first_token_at, 3),
+        "first_token_s": round(f["first_token_s"], 3),
         "wall_s": round(time.time() - STARTED, 3),
-        "prefill_s": round(t1 - t0, 4),
-        "prefill_tok_s": round(len(ids) / (t1 - t0), 2),
-        # The first new token comes from the prefill's logits; each later one costs a decoding step.
-        "decode_tok_s": round((len(new) - 1) / (t2 - t1), 2) if len(new) > 1 else None,
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None,
+        "prefill_s": round(f["prefill_s"], 4),
+        "prefill_tok_s": round(f["prompt_tokens"] / f["prefill_s"], 2),
+        "decode_tok_s": round(f["decode_tok_s"], 2) if f.get("decode_tok_s") else None,
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / GiB, 3) if cuda else None,
         "peak_rss_gib": round(peak_rss_gib(), 3),
         "unit_cache_hit_rate": stats["hit_rate"],
-    }
+    } | ({"answer_s": round(f["answer_s"], 3)} if "answer_s" in f else {})
+
+
+def report(args, result):
+    if args.json:
+        print(json.dumps(result), flush=True)
+        return
+    r = result
+    print(f"[{r['prompt_tokens']} prompt tokens ({r['memory_tokens']} in memory), first token after "
+          f"{r['first_token_s']:.1f} s, whole run {r['wall_s']:.1f} s{' (compiled)' if r['compiled'] else ''}; "
+          f"prefill {r['prefill_s']:.2f} s ({r['prefill_tok_s']:.0f} tok/s), "
+          f"{r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
+          + (f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else "")
+          + (f", unit cache hit rate {r['unit_cache_hit_rate']:.1%}" if r["unit_cache_hit_rate"] is not None else "")
+          + (f", snapshot {r['snapshot_gib']:.2f} GiB in {r['save_s']:.1f} s" if "snapshot_gib" in r else "")
+          + (f", snapshot loaded in {r['load_s']:.1f} s" if "load_s" in r else "")
+          + (f", answered in {r['answer_s']:.2f} s" if "answer_s" in r else "")
+          + "]", file=sys.stderr, flush=True)
+
+
+def run(args) -> dict:
+    """The command line's work; prints the answer (or answers) and returns the figures of the last one."""
+    text = read_prompt(args)
+    check_args(args, text)
+    budget = {k: None if v is None else int(v * GiB) for k, v in (("host", args.host_memory), ("gpu", args.gpu_memory))}
+    r = Reader(args.ckpt, args.device, args.dtype, args.attention, args.infllm, args.chat, args.compile,
+               args.compile_cache, progress=not (args.no_progress or args.json), host_memory=budget["host"],
+               gpu_memory=budget["gpu"])
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    out = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    extra = {}
+    if args.load_memory:
+        t0 = time.perf_counter()
+        r.load(args.load_memory)
+        extra["load_s"] = round(time.perf_counter() - t0, 3)
+    elif args.attention == "full" and text is not None:
+        n = len(r.tok.encode(text, bos=True))
+        if n > r.model.args.max_seq_len:
+            print(f"warning: the prompt has {n} tokens, more than the {r.model.args.max_seq_len} this model was "
+                  "trained on; full attention will likely fail past that (try --attention infllm)", file=sys.stderr)
+    if args.interactive:
+        if text is not None:
+            r.read(text)
+        return interact(args, r, sampling, out, extra)
+    if args.load_memory:
+        answer = r.ask(text, args.max_new_tokens, out, **sampling)
+    else:
+        logits = r.read(text, whole_turn=not args.save_memory)
+        if args.save_memory:
+            t0 = time.perf_counter()
+            size = r.save(args.save_memory)
+            extra |= {"snapshot_gib": round(size / GiB, 3), "save_s": round(time.perf_counter() - t0, 3)}
+        answer = r.answer(logits, args.max_new_tokens, out, **sampling) if args.max_new_tokens else ""
+    if out is not None and args.max_new_tokens:
+        out("\n")
+    result = figures(r, answer) | extra
+    report(args, result)
+    return result
+
+
+def interact(args, r: Reader, sampling, out, extra) -> dict:
+    """Questions from stdin, one per line, until its end (Ctrl-D); each follows the document after a
+    newline and is answered from the memory after the document."""
+    result = {}
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        answer = r.ask("\n" + line.rstrip("\n"), args.max_new_tokens, out, **sampling)
+        if out is not None:
+            out("\n")
+        result = figures(r, answer) | extra
+        extra = {}  # the snapshot's loading goes with the first answer
+        report(args, result)
+    return result
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        result = run(args)
-    except (UsageError, CheckpointError, TokenizerError, ValueError) as e:
+        run(args)
+    except (UsageError, CheckpointError, TokenizerError, SnapshotError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result))
-    else:
-        r = result
-        print(f"[{r['prompt_tokens']} prompt tokens, first token after {r['first_token_s']:.1f} s, "
-              f"whole run {r['wall_s']:.1f} s{' (compiled)' if r['compiled'] else ''}; "
-              f"prefill {r['prefill_s']:.2f} s ({r['prefill_tok_s']:.0f} tok/s), "
-              f"{r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
-              + (f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else "")
-              + (f", unit cache hit rate {r['unit_cache_hit_rate']:.1%}" if r["unit_cache_hit_rate"] is not None else "")
-              + "]", file=sys.stderr)
     return 0
 
 

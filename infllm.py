@@ -14,12 +14,18 @@ A cache object per layer stands behind one interface, attend(q, k, v) -> output,
 The semantics follow ../shared/INFLLM.md; where the authors' code differs it is said below.
 """
 import functools
+import json
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+
+
+UNIT_DTYPES = ("model", "fp8")
 
 
 @dataclass
@@ -33,10 +39,17 @@ class InfLLMConfig:
     max_cached_block: int = 32
     exc_block_size: int = 512
     chunk_size: int = 8192
+    # Not in the paper: "fp8" stores units (host storage and device pool) in float8 e4m3, one scale per
+    # unit and head: half the host memory and half the bytes over PCIe per lookup. "model": the model's dtype.
+    unit_dtype: str = "model"
 
     def check(self) -> "InfLLMConfig":
+        if self.unit_dtype not in UNIT_DTYPES:
+            raise ValueError(f"InfLLM setting unit_dtype={self.unit_dtype!r} must be one of {', '.join(UNIT_DTYPES)}")
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "unit_dtype":
+                continue
             if not isinstance(v, int) or v < (0 if f.name == "n_init" else 1):
                 raise ValueError(f"InfLLM setting {f.name}={v!r} must be a {'non-negative' if f.name == 'n_init' else 'positive'} integer")
         if self.exc_block_size > self.n_local:
@@ -58,7 +71,7 @@ class InfLLMConfig:
             if not sep or key not in names:
                 raise ValueError(f"unknown InfLLM setting {item!r} (known: {', '.join(sorted(names))})")
             try:
-                setattr(cfg, key, int(val))
+                setattr(cfg, key, val.strip() if key == "unit_dtype" else int(val))
             except ValueError:
                 raise ValueError(f"InfLLM setting {key} needs an integer, got {val.strip()!r}") from None
         return cfg.check()
@@ -67,10 +80,19 @@ class InfLLMConfig:
 class FullCache:
     """Every token at its true position: the model as it was trained (and quadratic in length)."""
 
-    def __init__(self, rope, n_kv_heads, head_dim):
+    def __init__(self, rope, n_kv_heads, head_dim, device=None, dtype=None):
         self.rope, self.length = rope, 0
         self.k = self.v = None  # [B, Hkv, capacity, D], rotated; allocated like the first keys
         self.shape = (n_kv_heads, head_dim)
+        self.like = torch.empty(0, device=device, dtype=dtype)
+
+    @property
+    def pos(self):
+        return self.length
+
+    def reserve(self, n_tokens):
+        """Room for a sequence of n_tokens, allocated once (growth a chunk at a time doubles)."""
+        self._grow(1, n_tokens, self.like, exact=True)
 
     def attend(self, q, k, v, n_valid=None):
         if n_valid is not None:
@@ -87,11 +109,29 @@ class FullCache:
     def reset(self):
         self.length = 0
 
-    def _grow(self, B, need, like):
+    def snapshot(self, storage=True):
+        """The keys and values so far (see ContextMemory.snapshot)."""
+        s = {"length": torch.tensor(self.length)}
+        if storage and self.length:
+            s |= {"k": self.k[:, :, :self.length], "v": self.v[:, :, :self.length]}
+        return s
+
+    def restore(self, s):
+        n = int(s["length"])
+        if "k" in s and n:
+            k = s["k"].to(self.rope.inv_freq.device)
+            expect = (*self.shape[:1], n, self.shape[1])
+            if tuple(k.shape[1:]) != expect:
+                raise ValueError(f"saved keys have shape {tuple(k.shape[1:])}, this model's are {expect}")
+            self._grow(k.shape[0], n, k if self.k is None else self.k)
+            self.k[:, :, :n], self.v[:, :, :n] = k, s["v"]
+        self.length = n
+
+    def _grow(self, B, need, like, exact=False):
         cap = 0 if self.k is None else self.k.shape[2]
         if need <= cap:
             return
-        new_cap = max(need, 2 * cap, 256)  # doubling: amortised O(1) appends
+        new_cap = need if exact else max(need, 2 * cap, 256)  # doubling: amortised O(1) appends
         k = like.new_zeros(B, *self.shape[:1], new_cap, self.shape[1])
         v = torch.zeros_like(k)
         if cap:
@@ -111,13 +151,17 @@ class MemoryUnits:
     def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype):
         self.cfg, self.device, self.dtype = cfg, torch.device(device or "cpu"), dtype
         self.block = (n_kv_heads, cfg.block_size, head_dim)
+        # fp8 units: their bytes as uint8 in storage and pool, a scale per unit, head and K/V on the device.
+        self.fp8 = cfg.unit_dtype == "fp8"
+        self.store = torch.uint8 if self.fp8 else dtype
+        self.scales = torch.empty(0, 2, n_kv_heads, device=device) if self.fp8 else None
         counter = functools.partial(torch.zeros, (), dtype=torch.long, device=device)
         self.n, self.lookups, self.hits, self.misses, self.clock = (counter() for _ in range(5))
         self.host_k = self.host_v = self._host(0)
         self.reprs = torch.empty(0, n_heads * head_dim, device=device, dtype=dtype)
         self.unit_slot = torch.empty(0, dtype=torch.long, device=device)  # unit -> slot, -1: not cached
         S = cfg.max_cached_block
-        self.pool_k = torch.zeros(S + 1, *self.block, device=device, dtype=dtype)  # slot S: scratch
+        self.pool_k = torch.zeros(S + 1, *self.block, device=device, dtype=self.store)  # slot S: scratch
         self.pool_v = torch.zeros_like(self.pool_k)
         self.slot_unit = torch.full((S + 1,), -1, dtype=torch.long, device=device)
         self.slot_used = torch.full((S + 1,), -1, dtype=torch.long, device=device)  # clock of last use; -1: free
@@ -131,15 +175,15 @@ class MemoryUnits:
         self.stage_k = self.stage_v = self.stage_rows = None
         if self.loader is not None:
             most = new_units_most(cfg, cfg.exc_block_size)
-            self.stage_k = torch.zeros(most, *self.block, device=device, dtype=dtype)
+            self.stage_k = torch.zeros(most, *self.block, device=device, dtype=self.store)
             self.stage_v = torch.zeros_like(self.stage_k)
             self.stage_rows = torch.zeros(most, dtype=torch.long, device=device)
         self.reserve(cfg.topk)
 
     def _host(self, n):
         if self.device.type == "cuda":  # rows past n are never read: no need to clear them
-            return kernels.pinned_empty((n, *self.block), self.dtype)
-        return torch.zeros(n, *self.block, dtype=self.dtype)
+            return kernels.pinned_empty((n, *self.block), self.store)
+        return torch.zeros(n, *self.block, dtype=self.store)
 
     @property
     def capacity(self):
@@ -164,25 +208,31 @@ class MemoryUnits:
         n_new = most if n_new is None else n_new
         j = torch.arange(most, device=self.n.device)
         rows = torch.where(j < n_new, self.n + j, self.capacity)  # row `capacity`: scratch
+        if self.fp8:
+            (k_blocks, k_scale), (v_blocks, v_scale) = kernels.to_fp8(k_blocks), kernels.to_fp8(v_blocks)
+            self.scales.index_copy_(0, rows, torch.stack([k_scale, v_scale], dim=1))
         if self.host_k.device == k_blocks.device:
             self.host_k.index_copy_(0, rows, k_blocks)
             self.host_v.index_copy_(0, rows, v_blocks)
         else:  # device -> pinned host, written by a kernel (the rows are known on the device only) on
             # the side stream; the staging buffers are next overwritten after the next join_copies().
-            self.stage_k.copy_(k_blocks)
-            self.stage_v.copy_(v_blocks)
-            self.stage_rows.copy_(torch.where(j < n_new, rows, -1))  # -1: nothing crosses PCIe
+            # A piece shorter than exc_block_size (decoding, an eager prompt's last piece) makes fewer.
+            self.stage_k[:most].copy_(k_blocks)
+            self.stage_v[:most].copy_(v_blocks)
+            self.stage_rows.fill_(-1)  # -1: nothing crosses PCIe
+            self.stage_rows[:most].copy_(torch.where(j < n_new, rows, -1))
             self._start_write_back()
         self.reprs.index_copy_(0, rows, reprs)
         self.n += n_new
 
     def reserve(self, cap):
         """Room for cap units. Growing pinned storage is slow (allocation and a copy), so a prefill
-        reserves what the prompt needs once. The unit dimension is marked dynamic for torch.compile: a
-        longer prompt reallocates, and must not compile anew."""
+        reserves what the prompt needs once, exactly (a million tokens of a 7B model fill most of a
+        host's memory); growth beyond that, a token at a time, comes in steps of an eighth. The unit
+        dimension is marked dynamic for torch.compile: a longer prompt reallocates, and must not compile anew."""
         if cap <= self.capacity:
             return
-        cap = max(cap, 2 * self.capacity)
+        cap = grown_units(self.capacity, cap)
         if self.device.type == "cuda":  # pending writes into the old storage, on both streams
             torch.cuda.current_stream(self.device).synchronize()
             self.loader.synchronize()
@@ -193,7 +243,9 @@ class MemoryUnits:
             setattr(self, name, new)
         self.reprs = torch.cat([self.reprs[:n], self.reprs.new_zeros(cap + 1 - n, self.reprs.shape[1])])
         self.unit_slot = torch.cat([self.unit_slot[:n], self.unit_slot.new_full((cap + 1 - n,), -1)])
-        for t in (self.host_k, self.host_v, self.reprs, self.unit_slot):
+        if self.fp8:
+            self.scales = torch.cat([self.scales[:n], self.scales.new_zeros(cap + 1 - n, *self.scales.shape[1:])])
+        for t in (self.host_k, self.host_v, self.reprs, self.unit_slot) + ((self.scales,) if self.fp8 else ()):
             torch._dynamo.mark_dynamic(t, 0)
         self.version += 1
 
@@ -236,6 +288,49 @@ class MemoryUnits:
         self.slot_used[victim] = torch.where(valid, self.clock, -1)
         return victim
 
+    def snapshot(self, storage=True):
+        """The units' counters and (storage=True) the stored units themselves: views, not copies, to be
+        written out at once. A unit never changes once stored and later ones go after it, so a rewind
+        in this process needs the counters only."""
+        s = {name: getattr(self, name).clone() for name in ("n", "lookups", "hits", "misses")}
+        if storage:
+            n = self.count
+            if self.loader is not None:  # write-backs of the last units still on their way
+                torch.cuda.synchronize(self.device)
+            s |= {"host_k": self.host_k[:n], "host_v": self.host_v[:n], "reprs": self.reprs[:n]}
+            if self.fp8:
+                s["scales"] = self.scales[:n]
+        return s
+
+    def restore(self, s):
+        """Back to a snapshot. The device pool starts empty: the slots may hold units made after the
+        snapshot, and which units sit there changes speed, never outputs."""
+        if self.loader is not None:
+            torch.cuda.synchronize(self.device)
+        n = int(s["n"])
+        if "host_k" in s:
+            names = ("host_k", "host_v", "reprs") + (("scales",) if self.fp8 else ())
+            for name in names:
+                if name not in s or s[name].shape[1:] != getattr(self, name).shape[1:] or len(s[name]) != n:
+                    raise ValueError(f"saved units {name!r} do not fit this model and these settings")
+            self.reserve(n)
+            for name in names:
+                getattr(self, name)[:n] = s[name]
+        elif n > self.capacity:
+            raise ValueError("a rewind cannot bring back units this storage never held")
+        for name in ("n", "lookups", "hits", "misses"):
+            getattr(self, name).copy_(s[name])
+        for t, v in ((self.clock, 0), (self.unit_slot, -1), (self.slot_unit, -1), (self.slot_used, -1)):
+            t.fill_(v)
+
+    def read(self, units, slots):
+        """K and V of the selected units from their device slots, [topk, Hkv, B, D] in the model's dtype."""
+        k, v = self.pool_k[slots], self.pool_v[slots]
+        if self.fp8:
+            scale = self.scales[units]
+            k, v = kernels.from_fp8(k, scale[:, 0], self.dtype), kernels.from_fp8(v, scale[:, 1], self.dtype)
+        return k, v
+
     def _load(self, units, dst):
         """pool[dst[i]] = storage[units[i]] where dst[i] >= 0 (the misses)."""
         if self.host_k.device == self.pool_k.device:  # CPU: host and pool are both plain buffers
@@ -275,6 +370,11 @@ class MemoryUnits:
         return self.slot_unit[order].tolist()
 
 
+def grown_units(capacity: int, need: int) -> int:
+    """The capacity MemoryUnits.reserve grows to for need units (and memory_plan counts)."""
+    return max(need, capacity + capacity // 8)
+
+
 def new_units_most(cfg: InfLLMConfig, P: int) -> int:
     """The most units a piece of P queries can make: before it at most n_local + block_size - 1 recent
     tokens wait (fewer than a block beyond the window), so at most P + block_size - 1 leave the window."""
@@ -307,6 +407,7 @@ class ContextMemory:
         # kept on self would tie self to itself, and its pinned storage would wait for the cycle collector.
         fuse = kernel == "compiled" or (kernel == "flex" and torch.device(device or "cpu").type == "cuda")
         self.step = _compiled_step() if fuse else type(self)._attend_piece
+        self.pad = fuse  # a compiled step pads the last piece (one shape); eager, padding is wasted work
         self.n_heads = n_heads
         # A piece arrives while up to n_local + block_size - 1 recent tokens wait: room for both.
         self.ring = cfg.n_local + cfg.block_size + cfg.exc_block_size
@@ -343,6 +444,28 @@ class ContextMemory:
         if self.use_units:
             self.units.reset()
 
+    STATE = ("ring_k", "ring_kr", "ring_v", "ring_score", "ring_pos", "init_k", "init_v", "pos_d", "start_d", "n_init_d")
+
+    def snapshot(self, storage=True):
+        """Everything that decides what this cache does next, as tensors: the window (ring), init tokens,
+        counters, and the memory units. storage=False leaves out the units' K/V and representative keys,
+        which a rewind in the same process keeps (see MemoryUnits.snapshot)."""
+        s = {name: getattr(self, name).clone() for name in self.STATE}
+        if self.use_units:
+            s |= {"units." + k: v for k, v in self.units.snapshot(storage).items()}
+        return s
+
+    def restore(self, s):
+        """Back to a snapshot, in the same buffers (captured CUDA graphs stay valid)."""
+        for name in self.STATE:
+            t = getattr(self, name)
+            if name not in s or s[name].shape != t.shape:
+                raise ValueError(f"saved {name!r} does not fit this model and these settings")
+            t.copy_(s[name])
+        self.pos = int(self.pos_d)
+        if self.use_units:
+            self.units.restore({k.removeprefix("units."): v for k, v in s.items() if k.startswith("units.")})
+
     def attend(self, q, k, v, n_valid=None):
         """q, k, v [1, H, T, D] (q, k unrotated) -> the attention output [1, Hq, T, D]. With n_valid (a
         device count) only the first n_valid tokens are real and the rest padding, and the caller keeps
@@ -358,7 +481,7 @@ class ContextMemory:
         outs = []
         for s in range(0, T, P):
             piece = [x[0, :, s:s + P] for x in (q, k, v)]
-            if piece[0].shape[1] < P:  # the last piece, padded: every piece has one shape
+            if self.pad and piece[0].shape[1] < P:  # the last piece, padded: every piece has one shape
                 piece = [F.pad(x, (0, 0, 0, P - x.shape[1])) for x in piece]
             out, chosen = self.step(self, *piece, (n_valid - s).clamp(0, P))
             if self.trace is not None and self.use_units and (chosen >= 0).any():
@@ -419,8 +542,7 @@ class ContextMemory:
         units, valid, slots = selected
         self.units.join_copies()
         Hkv, B, D = self.units.block
-        k_units = self.units.pool_k[slots].transpose(0, 1).reshape(Hkv, -1, D)
-        v_units = self.units.pool_v[slots].transpose(0, 1).reshape(Hkv, -1, D)
+        k_units, v_units = (x.transpose(0, 1).reshape(Hkv, -1, D) for x in self.units.read(units, slots))
         mask_units = valid.repeat_interleave(B)[None, :] & real[:, None]
         return (torch.cat([k_units, k_init, self.ring_k[:, far % self.ring]], dim=1),
                 torch.cat([v_units, v_init, self.ring_v[:, far % self.ring]], dim=1),
@@ -483,7 +605,7 @@ def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None,
     a = model.args
     p = model.embed_tokens.weight
     if attention == "full":
-        return [FullCache(model.rope, a.n_kv_heads, a.head_dim) for _ in range(a.n_layers)]
+        return [FullCache(model.rope, a.n_kv_heads, a.head_dim, p.device, p.dtype) for _ in range(a.n_layers)]
     kind = {"infllm": ContextMemory, "stream": StreamCache}.get(attention)
     if kind is None:
         raise ValueError(f"unknown attention {attention!r} (choose full, stream or infllm)")
@@ -492,9 +614,107 @@ def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None,
             for _ in range(a.n_layers)]
 
 
+def memory_plan(args, attention: str, cfg: InfLLMConfig, n_tokens: int, dtype, device) -> dict:
+    """The bytes the caches of all layers take for a sequence of n_tokens, from the shapes alone, before
+    anything is allocated: {"host": ..., "device": ..., "parts": {name: bytes}}. On a GPU the memory units
+    live in host memory and the rest on the device; on a CPU everything is host memory."""
+    L, Hq, Hkv, D = args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim
+    e = torch.empty(0, dtype=dtype).element_size()
+    on_gpu = torch.device(device).type == "cuda"
+    parts, host = {}, set()
+    if attention == "full":
+        parts["keys and values"] = L * 2 * Hkv * D * e * n_tokens
+    else:
+        ring = cfg.n_local + cfg.block_size + cfg.exc_block_size
+        parts["window"] = L * (ring * (3 * Hkv * D * e + 4 * Hq + 8) + 2 * Hkv * (cfg.n_init + 1) * D * e)
+    if attention == "infllm":
+        unit = Hkv * cfg.block_size * D * (1 if cfg.unit_dtype == "fp8" else e)
+        rows = grown_units(cfg.topk, n_tokens // cfg.block_size + 1) + 1  # MemoryUnits.reserve, scratch row
+        parts["memory units"] = L * 2 * rows * unit
+        parts["representative keys"] = L * rows * (Hq * D * e + 8 + (8 * Hkv if cfg.unit_dtype == "fp8" else 0))
+        staging = new_units_most(cfg, cfg.exc_block_size) if on_gpu else 0  # write-back buffers
+        parts["unit pool"] = L * 2 * (cfg.max_cached_block + 1 + staging) * unit
+        host.add("memory units")
+    where = {k: "host" if k in host or not on_gpu else "device" for k in parts}
+    return {"host": sum(v for k, v in parts.items() if where[k] == "host"),
+            "device": sum(v for k, v in parts.items() if where[k] == "device"), "parts": parts, "where": where}
+
+
 def memory_stats(caches) -> dict:
     """Lookups, unit-cache hits and misses summed over layers."""
     units = [c.units for c in caches if isinstance(c, ContextMemory) and c.use_units]
     hits, misses = sum(int(u.hits) for u in units), sum(int(u.misses) for u in units)
     return {"units": sum(u.count for u in units), "lookups": sum(int(u.lookups) for u in units),
             "hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else None}
+
+
+# ----------------------------------------------------------------------------- snapshots of the memory
+
+SNAPSHOT_FORMAT = "infllm-memory/1"
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class SnapshotError(ValueError):
+    """A memory snapshot that cannot be used here; the message is one sentence."""
+
+
+def save_memory(path, caches, header: dict):
+    """Write every layer's cache (ContextMemory.snapshot) to path as safetensors, with header (strings)
+    as its metadata. The file is written tensor by tensor, never whole in memory (a million tokens of a
+    7B model make 64 GiB of units), to a temporary name that replaces path once complete."""
+    path = Path(path)
+    tensors = {f"layer.{i}.{name}": t for i, c in enumerate(caches) for name, t in c.snapshot().items()}
+    meta = {"format": SNAPSHOT_FORMAT, **{k: str(v) for k, v in header.items()}}
+    index, offset = {"__metadata__": meta}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        index[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(index).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():  # the bytes of each tensor, through a view: no copy on the host
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)
+    return offset + 8 + len(head)
+
+
+def read_snapshot_header(path) -> dict:
+    """The metadata of a snapshot file; SnapshotError if it is none of ours (or truncated)."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise SnapshotError(f"memory snapshot {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise SnapshotError(f"{path} is not a readable memory snapshot ({str(e).rstrip('.')})") from None
+    if meta.get("format") != SNAPSHOT_FORMAT:
+        raise SnapshotError(f"{path} is not a memory snapshot of this program (no '{SNAPSHOT_FORMAT}' header)")
+    return meta
+
+
+def load_memory(path, caches, expect: dict) -> dict:
+    """Restore every layer's cache from a snapshot written by save_memory, after checking that each
+    entry of expect matches the file's header: a snapshot of another checkpoint, dtype, attention or
+    settings would be read as nonsense. Returns the header. The file is only read."""
+    from safetensors import safe_open
+    meta = read_snapshot_header(path)
+    for key, want in expect.items():
+        if meta.get(key) != str(want):
+            raise SnapshotError(f"memory snapshot {path} was made with {key} {meta.get(key)!r}, "
+                                f"this run has {str(want)!r}")
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        for i, c in enumerate(caches):
+            prefix = f"layer.{i}."
+            state = {n.removeprefix(prefix): f.get_tensor(n) for n in names if n.startswith(prefix)}
+            try:
+                c.restore(state)
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise SnapshotError(f"memory snapshot {path} does not fit layer {i} ({e})") from None
+    return meta

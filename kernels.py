@@ -84,6 +84,23 @@ def representative_keys(k_blocks, scores, repr_topk: int):
     return picked.to(_acc(picked)).mean(dim=2).to(k_blocks.dtype).reshape(n, -1)
 
 
+FP8 = torch.float8_e4m3fn
+
+
+def to_fp8(x):
+    """Units [n, H, B, D] -> (bytes [n, H, B, D] uint8, scales [n, H] fp32): float8 e4m3 with one scale
+    per unit and head, which maps the largest magnitude to e4m3's largest number. The bytes travel as
+    uint8, which every copy and index kernel takes (CPU index_copy_ has no float8)."""
+    amax = x.abs().amax(dim=(2, 3)).float().clamp(min=torch.finfo(torch.float32).tiny)
+    scale = amax / torch.finfo(FP8).max
+    return (x.float() / scale[:, :, None, None]).to(FP8).view(torch.uint8), scale
+
+
+def from_fp8(bits, scale, dtype):
+    """The inverse of to_fp8, up to e4m3's rounding: bytes [n, H, B, D], scales [n, H] -> dtype."""
+    return (bits.view(FP8).float() * scale[:, :, None, None]).to(dtype)
+
+
 def score_units(q_mem, reprs, real):
     """Relevance of every unit to a piece: the piece's memory-position queries [Hq, T, D] averaged over
     its real tokens (real [T]: False for padding), concatenated over heads, dotted with each

@@ -210,3 +210,42 @@ def test_host_copies_move_the_rows_asked(n, stored, row, dtype, seed):
     side.synchronize()
     before[rows] = new.cpu()
     assert torch.equal(host, before)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "flex"])
+def test_fp8_units_on_the_gpu_equal_the_plain_cpu_path(kernel):
+    """unit_dtype=fp8 through the fast path (uint8 copies over PCIe, dequantised after the gather)."""
+    cfg = InfLLMConfig(**{**vars(SMALL), "unit_dtype": "fp8"})
+    cpu_model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0)
+    model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 400), device="cuda")
+    fast = make_caches(model, "infllm", cfg, kernel=kernel)
+    cpu = make_caches(cpu_model, "infllm", cfg, kernel="plain")
+    for c in fast + cpu:
+        c.trace = []
+    a = run(model, fast, tokens, cfg.chunk_size, 20)
+    b = run(cpu_model, cpu, tokens.cpu(), cfg.chunk_size, 20)
+    assert (a.cpu() - b).abs().max() < 1e-3
+    assert [c.trace for c in fast] == [c.trace for c in cpu] and memory_stats(fast)["misses"] > 0
+    assert fast[0].units.host_k.dtype == torch.uint8 and fast[0].units.host_k.is_pinned()
+
+
+@pytest.mark.parametrize("infllm", ["", ",unit_dtype=fp8"])
+def test_snapshot_on_the_gpu_answers_like_one_process(tiny_ckpt, tmp_path, infllm):
+    """Read, save, load in another reader, ask: CUDA graphs replayed over restored buffers."""
+    from generate import Reader
+    knobs = "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=3,exc_block_size=32,chunk_size=96" + infllm
+    doc = " ".join(f"item{i} is {i * 7 % 13}." for i in range(90))
+    q = "\nWhat is item3?"
+    one = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs)
+    one.read(doc)
+    one.save(tmp_path / "doc.mem")
+    ref_logits = one.feed(one.tok.encode(q), room=8)
+    ref = one.answer(ref_logits, 8)
+    other = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs)
+    other.load(tmp_path / "doc.mem")
+    for who in (one, other):
+        who.rewind()
+        assert torch.allclose(who.feed(who.tok.encode(q), room=8), ref_logits, atol=1e-5)
+        assert who.ask(q, 8) == ref
+    assert other.forward.captures >= 2

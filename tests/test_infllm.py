@@ -32,6 +32,7 @@ class DenseInfLLM:
 
     def __init__(self, cfg, inv_freq, stream=False):
         self.cfg, self.inv_freq, self.stream = cfg, inv_freq, stream
+        self.fp8 = cfg.unit_dtype == "fp8"
         self.K = self.V = self.score = None
         self.state = []  # per token: "recent", "init", "gone" or a unit number
         self.reprs = []
@@ -112,6 +113,16 @@ class DenseInfLLM:
             for i in idx.tolist():
                 self.state[i] = len(self.reprs)
             self.reprs.append(torch.cat(parts))
+            if self.fp8:  # from now on the unit's tokens are seen only as stored: rounded to float8 e4m3
+                for kv in range(self.K.shape[0]):
+                    self.K[kv, idx] = fp8_round(self.K[kv, idx])
+                    self.V[kv, idx] = fp8_round(self.V[kv, idx])
+
+
+def fp8_round(x):
+    """One unit's keys (or values) of one head [B, D] through float8 e4m3, its largest magnitude at 448."""
+    scale = x.abs().max().float().clamp(min=torch.finfo(torch.float32).tiny) / 448.0
+    return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
 
 
 def run(model, caches, tokens, chunk, decode, forward=None):
@@ -173,6 +184,22 @@ def test_matches_dense_oracle_with_evictions(model64, attention, seed, kernel):
         assert any(len(s) == SMALL.topk and len(o.reprs) > SMALL.topk for o in oracles for s in o.selections)
         stats = memory_stats(caches)
         assert stats["misses"] > 0 and stats["hits"] > 0
+
+
+@pytest.mark.parametrize("kernel", ["plain", "blocked"])
+def test_fp8_units_match_dense_oracle_with_their_rounding(model64, kernel):
+    """unit_dtype=fp8: the oracle rounds each unit's keys and values through float8 e4m3 (a scale per unit
+    and head) when the unit is made; everything else stays float64."""
+    cfg = dataclasses.replace(SMALL, unit_dtype="fp8")
+    prompt, dec = tokens(150, 40), tokens(16, 41)
+    caches = make_caches(model64, "infllm", cfg, kernel=kernel)
+    oracles = [DenseInfLLM(cfg, model64.rope.inv_freq) for _ in caches]
+    ours = run(model64, caches, prompt, cfg.chunk_size, dec)
+    ref = run(model64, oracles, prompt, cfg.chunk_size, dec)
+    unrounded = run(model64, make_caches(model64, "infllm", SMALL, kernel=kernel), prompt, cfg.chunk_size, dec)
+    assert (ours - ref).abs().max() < 1e-9
+    assert (ours - unrounded).abs().max() > 1e-4, "the rounding must show, or this test tests nothing"
+    assert caches[0].units.host_k.dtype == torch.uint8 and caches[0].units.pool_k.dtype == torch.uint8
 
 
 def test_device_cache_size_changes_speed_not_output(model64):

@@ -1,0 +1,209 @@
+"""Read once, ask many times: memory snapshots (--save-memory / --load-memory), the interactive mode, the
+Python entry point (generate.Reader) and the memory plan. The oracle throughout is one process that reads
+the document and then the question: a saved, loaded or rewound memory must answer exactly as it does."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from generate import Reader, UsageError
+from infllm import memory_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "checkpoints" / "smollm2-135m-instruct"
+needs_ckpt = pytest.mark.skipif(not (CKPT / "model.safetensors").exists(),
+                                reason="run `python scripts/prepare_test_model.py` first")
+
+# Knobs small enough that a few hundred tokens make units, evictions and lookups.
+SMALL = "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=3,exc_block_size=32,chunk_size=96"
+DOC = " ".join(f"item{i} is {i * 7 % 13}." for i in range(90))  # several hundred tokens, not a multiple of 32
+QUESTIONS = ["\nWhat is item3?", "\nAnd item71 is"]
+
+
+def reader(ckpt, attention="infllm", infllm=SMALL, **kw):
+    return Reader(ckpt, "cpu", "fp32", attention, infllm, **kw)
+
+
+def ask_logits(r, question):
+    """The logits after a question, from the memory after the document."""
+    r.rewind()
+    return r.feed(r.tok.encode(question), room=8)
+
+
+def one_process(ckpt, attention, infllm, question):
+    """The oracle: a fresh reader reads the document, then the question; logits and greedy answer."""
+    r = reader(ckpt, attention, infllm)
+    r.read(DOC)
+    logits = r.feed(r.tok.encode(question), room=8)
+    return logits, r.answer(logits, 8)
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=900, cwd=ROOT, input=stdin)
+
+
+@pytest.mark.parametrize("attention, infllm", [("infllm", SMALL), ("infllm", SMALL + ",unit_dtype=fp8"),
+                                               ("stream", SMALL), ("full", "")])
+def test_loaded_and_rewound_memory_answer_like_one_process(tiny_ckpt, tmp_path, attention, infllm):
+    r = reader(tiny_ckpt, attention, infllm)
+    r.read(DOC)
+    assert r.tokens > 4 * 64 and r.tokens % 32
+    if attention == "infllm":
+        assert r.caches[0].units.count > 8, "the document must make memory units"
+    r.save(tmp_path / "doc.mem")
+    loaded = reader(tiny_ckpt, attention, infllm)
+    loaded.load(tmp_path / "doc.mem")
+    assert loaded.tokens == r.tokens
+    for q in QUESTIONS:  # each question after the other: the first must not leak into the second
+        ref_logits, ref = one_process(tiny_ckpt, attention, infllm, q)
+        for who in (r, loaded):  # rewound where the document was read, and loaded in another reader
+            assert torch.equal(ask_logits(who, q), ref_logits)
+            assert who.ask(q, 8) == ref
+
+
+@needs_ckpt
+def test_smollm2_answers_after_load_like_one_process(tmp_path):
+    """The real model: a document whose answer lies in the memory units, saved and loaded by the CLI."""
+    doc = "Notes. " + "The grass is green. The sky is blue. " * 40 + "The code is 4721. " + "Here we go. " * 60
+    knobs = "n_init=16,n_local=128,block_size=16,topk=4,max_cached_block=6,exc_block_size=64,chunk_size=256"
+    question = "\nWhat is the code? The code is"
+    base = ["--ckpt", CKPT, "--device", "cpu", "--infllm", knobs, "--json"]
+    (tmp_path / "doc.txt").write_text(doc)
+    saved = cli(*base, "--prompt-file", tmp_path / "doc.txt", "--save-memory", tmp_path / "doc.mem", "--max-new-tokens", 0)
+    assert saved.returncode == 0, saved.stderr
+    assert json.loads(saved.stdout)["new_tokens"] == 0 and json.loads(saved.stdout)["snapshot_gib"] > 0
+    answered = cli(*base, "--load-memory", tmp_path / "doc.mem", "--prompt", question, "--max-new-tokens", 6)
+    assert answered.returncode == 0, answered.stderr
+    r = Reader(CKPT, "cpu", "fp32", "infllm", knobs)
+    r.read(doc)
+    assert r.caches[0].units.count > 10
+    logits = r.feed(r.tok.encode(question), room=6)
+    assert json.loads(answered.stdout)["text"] == r.answer(logits, 6)
+    assert "4721" in json.loads(answered.stdout)["text"]
+
+
+def test_interactive_answers_each_question_like_a_fresh_run(tiny_ckpt, tmp_path):
+    (tmp_path / "doc.txt").write_text(DOC)
+    base = ["--ckpt", tiny_ckpt, "--device", "cpu", "--infllm", SMALL, "--max-new-tokens", 5, "--json"]
+    r = cli(*base, "--prompt-file", tmp_path / "doc.txt", "--interactive",
+            stdin="".join(q.removeprefix("\n") + "\n" for q in QUESTIONS))
+    assert r.returncode == 0, r.stderr
+    answers = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(answers) == 2
+    assert cli(*base[:-3], "--prompt-file", tmp_path / "doc.txt", "--save-memory", tmp_path / "doc.mem",
+               "--max-new-tokens", 0).returncode == 0
+    for q, got in zip(QUESTIONS, answers):
+        fresh = cli(*base, "--load-memory", tmp_path / "doc.mem", "--prompt", q)
+        assert fresh.returncode == 0, fresh.stderr
+        assert got["text"] == json.loads(fresh.stdout)["text"] and got["new_tokens"] == 5
+        assert got["memory_tokens"] == json.loads(fresh.stdout)["memory_tokens"]
+    # And from a loaded snapshot, questions on stdin.
+    loaded = cli(*base, "--load-memory", tmp_path / "doc.mem", "--interactive", stdin=QUESTIONS[1].strip() + "\n")
+    assert loaded.returncode == 0 and json.loads(loaded.stdout)["text"] == answers[1]["text"]
+
+
+@pytest.fixture(scope="module")
+def snapshot(tiny_ckpt, tmp_path_factory):
+    path = tmp_path_factory.mktemp("snap") / "doc.mem"
+    r = reader(tiny_ckpt)
+    r.read(DOC)
+    r.save(path)
+    return path
+
+
+def _other_checkpoint(tiny_ckpt, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_ckpt, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "rope_theta": 20000.0}))
+    return other
+
+
+@pytest.mark.parametrize("case, words", [
+    ("other-checkpoint", "checkpoint"),
+    ("other-dtype", "dtype"),
+    ("other-attention", "attention"),
+    ("other-settings", "settings"),
+    ("truncated", "not a readable memory snapshot"),
+    ("foreign", "not a memory snapshot"),
+    ("garbage", "not a readable memory snapshot"),
+    ("missing", "does not exist"),
+    ("no-question", "give a prompt"),
+])
+def test_bad_snapshots_are_refused_and_left_untouched(tiny_ckpt, snapshot, tmp_path, case, words):
+    path, ckpt, extra = tmp_path / "doc.mem", tiny_ckpt, []
+    if case == "truncated":
+        path.write_bytes(snapshot.read_bytes()[:-1000])
+    elif case == "foreign":  # a safetensors file, but a model's weights
+        shutil.copy(tiny_ckpt / "model.safetensors", path)
+    elif case == "garbage":
+        path.write_bytes(b"\x00\x10" * 5000)
+    elif case != "missing":
+        shutil.copy(snapshot, path)
+    if case == "other-checkpoint":
+        ckpt = _other_checkpoint(tiny_ckpt, tmp_path)
+    extra = {"other-dtype": ["--dtype", "bf16"], "other-attention": ["--attention", "stream"],
+             "other-settings": ["--infllm", SMALL.replace("topk=2", "topk=3")]}.get(case, ["--infllm", SMALL])
+    before = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    prompt = [] if case == "no-question" else ["--prompt", "\nWhat is item3?"]
+    r = cli("--ckpt", ckpt, "--device", "cpu", "--load-memory", path, *prompt, "--max-new-tokens", 2, *extra)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
+    assert r.stdout == ""
+    assert (hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None) == before
+
+
+def test_a_larger_pool_loads_the_same_memory(tiny_ckpt, snapshot):
+    """max_cached_block changes speed, never outputs: a snapshot loads with another pool size."""
+    r = reader(tiny_ckpt, infllm=SMALL.replace("max_cached_block=3", "max_cached_block=16"))
+    r.load(snapshot)
+    assert torch.equal(ask_logits(r, QUESTIONS[0]), one_process(tiny_ckpt, "infllm", SMALL, QUESTIONS[0])[0])
+
+
+def _cache_bytes(caches):
+    """What the caches hold, counted from their buffers (host and device are one on a CPU)."""
+    total = 0
+    for c in caches:
+        bufs = [c.ring_k, c.ring_kr, c.ring_v, c.ring_score, c.ring_pos, c.init_k, c.init_v]
+        if c.use_units:
+            u = c.units
+            bufs += [u.host_k, u.host_v, u.reprs, u.unit_slot, u.pool_k, u.pool_v]
+            bufs += [u.scales] if u.fp8 else []
+        total += sum(t.numel() * t.element_size() for t in bufs)
+    return total
+
+
+@pytest.mark.parametrize("attention, infllm", [("infllm", SMALL), ("infllm", SMALL + ",unit_dtype=fp8"),
+                                               ("stream", SMALL)])
+def test_memory_plan_counts_what_the_caches_take(tiny_ckpt, attention, infllm):
+    r = reader(tiny_ckpt, attention, infllm)
+    r.read(DOC, room=40)
+    plan = memory_plan(r.model.args, attention, r.cfg, r.tokens + 40, torch.float32, "cpu")
+    assert plan["device"] == 0 and plan["host"] == _cache_bytes(r.caches)
+    gpu = memory_plan(r.model.args, attention, r.cfg, 2**20, torch.bfloat16, "cuda")
+    if attention == "infllm":  # on a GPU only the units live in host memory
+        assert gpu["host"] == gpu["parts"]["memory units"] > gpu["device"] > 0
+        fp8 = "fp8" in infllm
+        assert gpu["parts"]["memory units"] == (1 if fp8 else 2) * 2 * 2 * 8 * 16 * 2 * (2**20 // 16 + 2)
+
+
+def test_a_memory_too_large_is_refused_before_the_prefill(tiny_ckpt, tmp_path):
+    r = reader(tiny_ckpt)
+    budget = memory_plan(r.model.args, "infllm", r.cfg, 8000, torch.float32, "cpu")["host"]
+    r = reader(tiny_ckpt, host_memory=budget)
+    doc = DOC * 30  # some 12,000 tokens: more than the budget holds
+    with pytest.raises(UsageError, match="MiB of host memory .* is free"):
+        r.read(doc)
+    assert r.tokens == 0 and r.caches[0].units.capacity < 100, "nothing was fed or allocated"
+    r.read(DOC)  # a document that fits is read
+    (tmp_path / "doc.txt").write_text(doc)
+    out = cli("--ckpt", tiny_ckpt, "--device", "cpu", "--infllm", SMALL, "--prompt-file", tmp_path / "doc.txt",
+              "--host-memory", budget / 2**30, "--no-progress")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unit_dtype=fp8" in out.stderr, out.stderr
