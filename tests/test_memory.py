@@ -207,3 +207,18 @@ def test_a_memory_too_large_is_refused_before_the_prefill(tiny_ckpt, tmp_path):
     out = cli("--ckpt", tiny_ckpt, "--device", "cpu", "--infllm", SMALL, "--prompt-file", tmp_path / "doc.txt",
               "--host-memory", budget / 2**30, "--no-progress")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unit_dtype=fp8" in out.stderr, out.stderr
+
+
+def test_chat_document_opens_the_turn_each_question_closes(tiny_ckpt):
+    """With chat, document + question is one user turn of the checkpoint's template, and the memory after
+    the question is that of the whole turn read in the same two parts."""
+    from tokenizer import chat_prompt
+    r = reader(tiny_ckpt, chat=True)
+    head, tail = r.chat
+    assert head + DOC + QUESTIONS[0] + tail == chat_prompt(tiny_ckpt, r.tok, DOC + QUESTIONS[0])
+    r.read(DOC)
+    answer = r.ask(QUESTIONS[0], 6)
+    one = reader(tiny_ckpt)  # no chat: the template's text written out by hand
+    one.read(head + DOC)
+    assert one.tokens == r.mark[0]["pos_d"].item()
+    assert one.answer(one.feed(one.tok.encode(QUESTIONS[0] + tail), room=6), 6) == answer
