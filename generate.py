@@ -33,9 +33,32 @@ class UsageError(ValueError):
     """Bad input from the command line; the message is one sentence."""
 
 
-def load(ckpt, device="cpu", dtype=torch.float32):
-    """Model and tokenizer from a Hugging Face style checkpoint folder."""
-    return load_model(ckpt, device=device, dtype=dtype), load_tokenizer(ckpt)
+def load(ckpt, device="cpu", dtype=torch.float32, rank=0, world=1):
+    """Model (process rank's share of it, split over world processes) and tokenizer from a Hugging Face
+    style checkpoint folder."""
+    return load_model(ckpt, device=device, dtype=dtype, rank=rank, world=world), load_tokenizer(ckpt)
+
+
+def join_processes(device_name=None) -> tuple[int, int, torch.device | None]:
+    """Under torchrun (WORLD_SIZE > 1), join the other processes for tensor parallel: NCCL between GPUs
+    (one per process), gloo on CPUs. Returns (rank, world size, this process's device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    import torch.distributed as dist
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if int(os.environ.get("LOCAL_WORLD_SIZE", world)) > gpus:
+            raise UsageError(f"{world} processes need a GPU each, and this machine has {gpus}: "
+                             f"use --nproc-per-node {gpus} or fewer")
+        if not dist.is_nccl_available():
+            raise UsageError("tensor parallel on GPUs needs NCCL, and this PyTorch build has none")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
 
 
 class FixedShapes:
@@ -250,7 +273,7 @@ class Reader:
     question starts by rewinding to it. generate.py is this class behind a command line."""
 
     def __init__(self, ckpt, device=None, dtype=None, attention="infllm", infllm="", chat=False, compile=None,
-                 compile_cache=None, progress=False, host_memory=None, gpu_memory=None):
+                 compile_cache=None, progress=False, host_memory=None, gpu_memory=None, rank=0, world=1):
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         cuda = self.device.type == "cuda"
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or (torch.bfloat16 if cuda else torch.float32)
@@ -263,7 +286,7 @@ class Reader:
             use_compile_cache(compile_cache)
         if cuda:
             gpu_matmuls(self.dtype)
-        self.model, self.tok = load(ckpt, self.device, self.dtype)
+        self.model, self.tok = load(ckpt, self.device, self.dtype, rank, world)
         if self.compiled:
             self.model.compile_blocks()
         self.chat = chat_turn(ckpt, self.tok) if chat else ("", "")
@@ -468,7 +491,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args, text):
+def check_args(args, text, world=1):
+    if world > 1 and (args.save_memory or args.load_memory or args.interactive):
+        raise UsageError("--save-memory, --load-memory and --interactive do not run tensor parallel yet: use one process")
     if args.max_new_tokens < 0 or (args.max_new_tokens == 0 and not args.save_memory):
         raise UsageError("--max-new-tokens must be at least 1 (0 only with --save-memory: read and save)")
     if args.save_memory and args.load_memory:
@@ -520,22 +545,24 @@ def report(args, result):
           + "]", file=sys.stderr, flush=True)
 
 
-def run(args) -> dict:
-    """The command line's work; prints the answer (or answers) and returns the figures of the last one."""
+def run(args, rank=0, world=1, device=None) -> dict:
+    """The command line's work; prints the answer (or answers) and returns the figures of the last one.
+    Tensor parallel (world processes), every process does the same work on its share of the model and
+    only process 0 prints."""
     text = read_prompt(args)
-    check_args(args, text)
+    check_args(args, text, world)
     budget = {k: None if v is None else int(v * GiB) for k, v in (("host", args.host_memory), ("gpu", args.gpu_memory))}
-    r = Reader(args.ckpt, args.device, args.dtype, args.attention, args.infllm, args.chat, args.compile,
-               args.compile_cache, progress=not (args.no_progress or args.json), host_memory=budget["host"],
-               gpu_memory=budget["gpu"])
+    r = Reader(args.ckpt, device or args.device, args.dtype, args.attention, args.infllm, args.chat, args.compile,
+               args.compile_cache, progress=not (args.no_progress or args.json or rank), host_memory=budget["host"],
+               gpu_memory=budget["gpu"], rank=rank, world=world)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    out = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    out = None if args.json or rank else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
     extra = {}
     if args.load_memory:
         t0 = time.perf_counter()
         r.load(args.load_memory)
         extra["load_s"] = round(time.perf_counter() - t0, 3)
-    elif args.attention == "full" and text is not None:
+    elif args.attention == "full" and text is not None and rank == 0:
         n = len(r.tok.encode(text, bos=True))
         if n > r.model.args.max_seq_len:
             print(f"warning: the prompt has {n} tokens, more than the {r.model.args.max_seq_len} this model was "
@@ -555,8 +582,9 @@ def run(args) -> dict:
         answer = r.answer(logits, args.max_new_tokens, out, **sampling) if args.max_new_tokens else ""
     if out is not None and args.max_new_tokens:
         out("\n")
-    result = figures(r, answer) | extra
-    report(args, result)
+    result = figures(r, answer) | extra | ({"processes": world} if world > 1 else {})
+    if rank == 0:
+        report(args, result)
     return result
 
 
@@ -585,10 +613,16 @@ def interact(args, r: Reader, sampling, out, extra) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        run(args, *join_processes(args.device))
     except (UsageError, CheckpointError, TokenizerError, SnapshotError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Every process says it (in one write: the lines of several processes must not mix), and
+        # leaves: none waits on another.
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -148,8 +148,9 @@ class MemoryUnits:
 
     AGE = 1 << 24  # slot age key = last use * AGE + unit: ties between units used together go to the lower
 
-    def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype):
+    def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype, parallel=False):
         self.cfg, self.device, self.dtype = cfg, torch.device(device or "cpu"), dtype
+        self.parallel = parallel  # tensor parallel: these are one process's share of the heads
         self.block = (n_kv_heads, cfg.block_size, head_dim)
         # fp8 units: their bytes as uint8 in storage and pool, a scale per unit, head and K/V on the device.
         self.fp8 = cfg.unit_dtype == "fp8"
@@ -254,6 +255,12 @@ class MemoryUnits:
         unit while there are no more than topk), loaded into device slots. Returns (units, valid, slots),
         topk each: with fewer than topk units stored (or no real query), the entries past them are not valid."""
         scores = kernels.score_units(q_mem, self.reprs, real)
+        if self.parallel:
+            # Tensor parallel: this process holds the units of its own key-value heads, and scored them
+            # with its query heads' share of the representative keys and of the averaged query. A unit's
+            # score is a sum over all query heads, so the processes add their partial scores here, before
+            # the top-k: every process then selects the same units, as one process would.
+            scores = sum_scores_over_processes(scores)
         stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
         units = kernels.select_units(scores.masked_fill(~stored, float("-inf")), self.cfg.topk)
         valid = (units < self.n) & real.any()  # ascending: the stored units come first
@@ -395,7 +402,7 @@ class ContextMemory:
     use_units = True
 
     def __init__(self, rope, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device=None, dtype=None,
-                 kernel="blocked"):
+                 kernel="blocked", parallel=False):
         self.rope, self.cfg = rope, cfg.check()
         # "plain" is the specification; each kernel comes as the local part and the memory part.
         self.attend_local, self.attend_memory = kernels.CHUNK_ATTENTION[kernel]
@@ -427,7 +434,7 @@ class ContextMemory:
         # pos: tokens seen; start: position of the oldest recent token; n_init: init tokens held.
         self.pos_d, self.start_d, self.n_init_d = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
         self.pos = 0  # tokens seen, on the host: it sizes the unit storage
-        self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype) if self.use_units else None
+        self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel) if self.use_units else None
         self.trace = None  # set to a list to record every piece's selected units (tests, inspection)
 
     def reserve(self, n_tokens):
@@ -594,6 +601,12 @@ class StreamCache(ContextMemory):
         return self._init_part(real) + (torch.full((1,), -1, device=at.device),)
 
 
+@torch.compiler.disable  # a collective, called as it is from the compiled piece step
+def sum_scores_over_processes(scores):
+    torch.distributed.all_reduce(scores)
+    return scores
+
+
 @functools.cache
 def _compiled_step():
     return kernels.compiled(ContextMemory._attend_piece)
@@ -610,7 +623,8 @@ def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None,
     if kind is None:
         raise ValueError(f"unknown attention {attention!r} (choose full, stream or infllm)")
     cfg = cfg or InfLLMConfig()
-    return [kind(model.rope, cfg, a.n_heads, a.n_kv_heads, a.head_dim, p.device, p.dtype, kernel)
+    # Split over processes (tensor parallel), a.n_heads and a.n_kv_heads are this process's share.
+    return [kind(model.rope, cfg, a.n_heads, a.n_kv_heads, a.head_dim, p.device, p.dtype, kernel, a.tp_size > 1)
             for _ in range(a.n_layers)]
 
 

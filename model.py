@@ -4,6 +4,7 @@ Attention does not own its keys and values. Each layer is handed a cache object 
 infllm: see infllm.py) that stores what it needs, places the rotary positions and computes the
 attention. The model never knows which kind of cache it has: tokens -> model -> cache -> logits.
 """
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,6 +38,9 @@ class ModelArgs:
     max_seq_len: int = 4096  # the context the model was trained on
     qkv_bias: bool = False
     tie_embeddings: bool = False
+    # Tensor parallel over tp_size processes (torchrun): n_heads, n_kv_heads and ffn_dim are then one
+    # process's share, and each layer sums its attention and MLP outputs over the processes.
+    tp_size: int = 1
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
@@ -74,6 +78,26 @@ class ModelArgs:
             )
         except KeyError as e:
             raise CheckpointError(f"config.json lacks the field {e.args[0]!r}") from None
+
+
+def tensor_parallel(args: ModelArgs, world: int) -> ModelArgs:
+    """One process's share of the model when it is split over world processes (Megatron-style): whole
+    key-value heads, with the query heads that read them, and a slice of the MLP's hidden units."""
+    if world == 1:
+        return args
+    if args.n_kv_heads % world or args.ffn_dim % world:
+        raise CheckpointError(f"this model has {args.n_kv_heads} key-value heads and {args.ffn_dim} MLP units, "
+                              f"which {world} processes cannot share evenly: use a number of processes that divides "
+                              f"{math.gcd(args.n_kv_heads, args.ffn_dim)}")
+    return dataclasses.replace(args, n_heads=args.n_heads // world, n_kv_heads=args.n_kv_heads // world,
+                               ffn_dim=args.ffn_dim // world, tp_size=world)
+
+
+def sum_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """Tensor parallel: each process computed a partial sum (its heads' share of o_proj, its hidden units'
+    share of down_proj); all of them get the whole sum."""
+    torch.distributed.all_reduce(x)
+    return x
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -167,10 +191,12 @@ class Block(nn.Module):
         self.self_attn = Attention(args)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
+        # Split over processes, attention and MLP each end in a partial sum: one all-reduce after each.
+        self.reduce = sum_over_processes if args.tp_size > 1 else (lambda x: x)
 
     def forward(self, x, cache, n_valid=None):
-        x = x + self.self_attn(self.input_layernorm(x), cache, n_valid)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.reduce(self.self_attn(self.input_layernorm(x), cache, n_valid))
+        return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Transformer(nn.Module):
@@ -254,15 +280,21 @@ def checkpoint_fingerprint(ckpt) -> str:
     return h.hexdigest()[:32]
 
 
-def load_model(ckpt, device="cpu", dtype=torch.bfloat16) -> Transformer:
+# Tensor parallel: the layers split by output rows (heads, MLP units) and by input columns (their sums).
+SPLIT_ROWS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+SPLIT_COLUMNS = ("o_proj", "down_proj")
+
+
+def load_model(ckpt, device="cpu", dtype=torch.bfloat16, rank=0, world=1) -> Transformer:
     """Build the model on the meta device and fill it tensor by tensor from memory-mapped safetensors:
-    no randomly initialised copy, no second full copy of the weights."""
+    no randomly initialised copy, no second full copy of the weights. Split over world processes
+    (tensor parallel), process rank reads only its slices of the split layers."""
     from safetensors import SafetensorError, safe_open
 
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint folder {ckpt} does not exist")
-    args = read_config(ckpt)
+    args = tensor_parallel(read_config(ckpt), world)
     with torch.device("meta"):
         model = Transformer(args)
     expected = {n: p.shape for n, p in model.named_parameters()}
@@ -276,7 +308,7 @@ def load_model(ckpt, device="cpu", dtype=torch.bfloat16) -> Transformer:
                         continue  # some old checkpoints store it; we compute it from the config
                     if name not in expected:
                         raise CheckpointError(f"{f.name} holds an unexpected tensor {key!r}")
-                    t = st.get_tensor(key)
+                    t = _shard(st, key, name, expected[name], rank) if world > 1 else st.get_tensor(key)
                     if t.shape != expected[name]:
                         raise CheckpointError(
                             f"tensor {key!r} in {f.name} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
@@ -294,6 +326,17 @@ def load_model(ckpt, device="cpu", dtype=torch.bfloat16) -> Transformer:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = Rotary(args, device=device)
     return model.eval()
+
+
+def _shard(st, key, name, shape, rank):
+    """Process rank's slice of a tensor split for tensor parallel (rows or columns of the mmap, read alone)."""
+    part = st.get_slice(key)
+    layer = name.split(".")[-2]
+    if layer in SPLIT_ROWS:
+        return part[rank * shape[0]:(rank + 1) * shape[0]]
+    if layer in SPLIT_COLUMNS:
+        return part[:, rank * shape[1]:(rank + 1) * shape[1]]
+    return part[:]
 
 
 def random_model(args: ModelArgs, device="cpu", dtype=torch.float32, seed: int = 0) -> Transformer:

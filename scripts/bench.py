@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import decode, forward_fn, gpu_matmuls, peak_rss_gib, pick_device, prefill, use_compile_cache, UsageError  # noqa: E402
+from generate import (decode, forward_fn, gpu_matmuls, join_processes, peak_rss_gib, pick_device, prefill,  # noqa: E402
+                      use_compile_cache, UsageError)
 from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
 from kernels import CHUNK_ATTENTION  # noqa: E402
-from model import DTYPES, ModelArgs, random_model  # noqa: E402
+from model import DTYPES, ModelArgs, random_model, tensor_parallel  # noqa: E402
 
 SHAPES = {  # ../shared/BENCHMARKS.md
     "mistral-7b": ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
@@ -39,6 +40,8 @@ SHAPES = {  # ../shared/BENCHMARKS.md
                               ffn_dim=8192, rope_base=5e5, max_seq_len=131072, tie_embeddings=True),
     "smollm2-135m": ModelArgs(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                               ffn_dim=1536, rope_base=1e5, max_seq_len=8192, tie_embeddings=True),
+    "llama-3-70b": ModelArgs(vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
+                             ffn_dim=28672, rope_base=5e5, max_seq_len=8192),
     "tiny": ModelArgs(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128),
 }
 
@@ -99,7 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile-cache", metavar="DIR", default=None, help="compile caches (default: generate.py's)")
     args = p.parse_args(argv)
     try:
-        device = pick_device(args.device)
+        rank, world, device = join_processes(args.device)  # under torchrun: tensor parallel
+        device = device or pick_device(args.device)
+        shape = tensor_parallel(SHAPES[args.shape], world)
         lengths = [parse_length(s) for s in args.lengths.split(",")]
         cfg = InfLLMConfig.parse(args.infllm)
         if args.decode < 2 or args.repeats < 1:
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
     cache = use_compile_cache(tempfile.mkdtemp(prefix="infllm-cold-") if args.cold else args.compile_cache)
     if device.type == "cuda":
         gpu_matmuls(dtype)
-    model = random_model(SHAPES[args.shape], device=device, dtype=dtype)
+    model = random_model(shape, device=device, dtype=dtype, seed=rank)
     if args.kernel in ("compiled", "flex"):
         model.compile_blocks()  # as generate.py --compile does
     rows = []
@@ -131,6 +136,14 @@ def main(argv=None) -> int:
                "compile_cache": str(cache) + (" (cold)" if args.cold else ""),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype)}
         rows.append(row)
+        row["processes"] = world
+        if world > 1:  # the peaks of every process, for the host's total
+            import torch.distributed as dist
+            peaks = [None] * world
+            dist.all_gather_object(peaks, (row["peak_gpu_gib"], row["peak_rss_gib"]))
+            row["peak_gpu_gib_all"], row["peak_rss_gib_all"] = [p[0] for p in peaks], [p[1] for p in peaks]
+        if rank:
+            continue
         if args.json:
             print(json.dumps(row), flush=True)
         else:
@@ -140,8 +153,10 @@ def main(argv=None) -> int:
                   f"decode {row['decode_tok_s']:7.2f} tok/s, peak GPU {gpu}, peak RSS {row['peak_rss_gib']:.1f} GiB, "
                   f"unit-cache hit rate {hit}; first prompt: prefill {row['first_prefill_s']:.1f} s, "
                   f"{row['first_since_start_s']:.1f} s after the process started", flush=True)
-    if args.profile:  # the last length again, in the warm caches (compiled, graphs captured)
+    if args.profile and rank == 0:  # the last length again, in the warm caches (compiled, graphs captured)
         profile(model, caches, forward, args.chunk or cfg.chunk_size, lengths[-1], device)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 

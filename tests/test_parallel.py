@@ -1,0 +1,104 @@
+"""Tensor parallel with torch.distributed (gloo on CPU), launched by torchrun as a user would: the greedy
+tokens of 2 and 3 processes equal those of one process, for full attention and for InfLLM with evictions."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+from model import load_model, random_model, read_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "checkpoints" / "smollm2-135m-instruct"
+needs_ckpt = pytest.mark.skipif(not (CKPT / "model.safetensors").exists(),
+                                reason="run `python scripts/prepare_test_model.py` first")
+SMALL = "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=3,exc_block_size=32,chunk_size=96"
+PROMPT = "The list. " + " ".join(f"item{i} is {i * 7 % 13}." for i in range(60)) + " What is item3? item3 is"
+
+
+def torchrun(n, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+           str(ROOT / "generate.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def one_process(capsys, *args):
+    assert generate.main([*map(str, args)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def tiny3_ckpt(tiny_ckpt, tmp_path_factory):
+    """tiny_ckpt's tokenizer with 6 query and 3 key-value heads: a model for 3 processes."""
+    import shutil
+
+    from safetensors.torch import save_file
+    d = tmp_path_factory.mktemp("tiny3")
+    for f in tiny_ckpt.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, d / f.name)
+    cfg = {**json.loads((tiny_ckpt / "config.json").read_text()), "hidden_size": 48, "num_attention_heads": 6,
+           "num_key_value_heads": 3, "intermediate_size": 96}
+    (d / "config.json").write_text(json.dumps(cfg))
+    model = random_model(read_config(d), seed=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(d / "model.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize("n, which", [(2, "tiny"), (3, "tiny3")])
+@pytest.mark.parametrize("attention", ["infllm", "full"])
+def test_processes_generate_what_one_process_does(tiny_ckpt, tiny3_ckpt, capsys, n, which, attention):
+    ckpt = {"tiny": tiny_ckpt, "tiny3": tiny3_ckpt}[which]
+    args = ["--ckpt", ckpt, "--prompt", PROMPT, "--device", "cpu", "--attention", attention, "--infllm", SMALL,
+            "--max-new-tokens", 8, "--json"]
+    ref = one_process(capsys, *args)
+    r = torchrun(n, *args)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, "only process 0 prints"
+    got = json.loads(lines[0])
+    assert got["processes"] == n and got["prompt_tokens"] == ref["prompt_tokens"] > 6 * 64
+    assert got["text"] == ref["text"] and got["new_tokens"] == ref["new_tokens"] == 8
+    # The same units selected on every process as in one: the same unit-cache hits and misses.
+    assert got["unit_cache_hit_rate"] == ref["unit_cache_hit_rate"]
+
+
+@needs_ckpt
+def test_smollm2_on_three_processes_and_refused_on_two(capsys):
+    args = ["--ckpt", CKPT, "--prompt", PROMPT, "--device", "cpu", "--infllm", SMALL, "--max-new-tokens", 8, "--json"]
+    ref = one_process(capsys, *args)
+    r = torchrun(3, *args)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["text"] == ref["text"] and got["unit_cache_hit_rate"] == ref["unit_cache_hit_rate"] is not None
+    r = torchrun(2, *args)
+    assert r.returncode != 0 and r.stdout == ""
+    said = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 2 and len(set(said)) == 1, r.stderr  # every process, one sentence
+    assert "3 key-value heads" in said[0] and "divides 3" in said[0]
+
+
+@needs_ckpt
+def test_each_process_loads_its_slices():
+    full = load_model(CKPT, dtype=torch.float32)
+    for rank in range(3):
+        part = load_model(CKPT, dtype=torch.float32, rank=rank, world=3)
+        assert part.args.n_kv_heads == 1 and part.args.n_heads == 3 and part.args.tp_size == 3
+        a, b = part.layers[7], full.layers[7]
+        rows = slice(rank * 192, (rank + 1) * 192)
+        assert torch.equal(a.self_attn.q_proj.weight, b.self_attn.q_proj.weight[rows])
+        assert torch.equal(a.self_attn.k_proj.weight, b.self_attn.k_proj.weight[rank * 64:(rank + 1) * 64])
+        assert torch.equal(a.self_attn.o_proj.weight, b.self_attn.o_proj.weight[:, rows])
+        assert torch.equal(a.mlp.up_proj.weight, b.mlp.up_proj.weight[rank * 512:(rank + 1) * 512])
+        assert torch.equal(a.mlp.down_proj.weight, b.mlp.down_proj.weight[:, rank * 512:(rank + 1) * 512])
+        assert torch.equal(part.embed_tokens.weight, full.embed_tokens.weight)
+
+
+def test_snapshots_are_refused_under_tensor_parallel(tiny_ckpt, tmp_path):
+    r = torchrun(2, "--ckpt", tiny_ckpt, "--prompt", "hi", "--device", "cpu", "--save-memory", tmp_path / "m.mem")
+    assert r.returncode != 0 and not (tmp_path / "m.mem").exists()
+    assert sum(line.startswith("error: ") and "tensor parallel" in line for line in r.stderr.splitlines()) == 2
