@@ -2,8 +2,10 @@
 prompts assembled from pre-tokenized parts, the model loaded once with one set of caches per mode, greedy answers,
 JSON lines a sweep resumes from, and the markdown tables and heat maps of the results."""
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import re
 import shlex
 import sys
@@ -15,11 +17,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from generate import (UsageError, decode, fast_kernel, forward_fn, gpu_matmuls, load, pick_device, prefill,  # noqa: E402
-                      use_compile_cache)
+from generate import (UsageError, chat_turn, decode, fast_kernel, forward_fn, gpu_matmuls, join_processes, load,  # noqa: E402
+                      pick_device, prefill, use_compile_cache)
 from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
 from model import DTYPES, CheckpointError  # noqa: E402
-from tokenizer import TokenizerError, chat_prompt  # noqa: E402
+from tokenizer import TokenizerError  # noqa: E402
 
 MODES = ("infllm", "stream", "full")
 
@@ -140,11 +142,15 @@ def run_cli(argv, parse_args, check_args, sweep, report) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
+        # Under torchrun, tensor parallel: every process runs every trial on its share of the model, and
+        # only process 0 prints and writes files.
+        args.rank_, args.world_, device = join_processes(args.device)
         check_args(args)
+        args.device_ = device or args.device_
         records = read_records(args.out) if args.resume and Path(args.out).is_file() else []
-        if args.out:
+        if args.out and args.rank_ == 0:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        out = open(args.out, "a" if args.resume else "w") if args.out else None
+        out = open(args.out, "a" if args.resume else "w") if args.out and args.rank_ == 0 else None
 
         def write(rec):
             if out:
@@ -152,18 +158,35 @@ def run_cli(argv, parse_args, check_args, sweep, report) -> int:
                 out.flush()  # a killed sweep keeps its finished trials, for --resume
 
         try:
-            sweep(args, records, write)
+            with quiet(args.rank_ > 0):
+                sweep(args, records, write)
         finally:
             if out:
                 out.close()
     except (UsageError, CheckpointError, TokenizerError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # every process says it, in one write
         return 2
     except MissingDependency as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")
         return 1
-    report(args, records, argv)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if args.rank_ == 0:
+        report(args, records, argv)
     return 0
+
+
+def quiet(yes: bool):
+    """Progress lines of processes other than 0 go nowhere."""
+    if not yes:
+        return contextlib.nullcontext()
+    sink = open(os.devnull, "w")
+    stack = contextlib.ExitStack()
+    stack.enter_context(sink)
+    stack.enter_context(contextlib.redirect_stdout(sink))
+    stack.enter_context(contextlib.redirect_stderr(sink))
+    return stack
 
 
 def read_records(path) -> list[dict]:
@@ -190,11 +213,7 @@ def encode_after(tok, ctx: str, text: str, bos=False) -> list[int]:
     return ids[len(ctx_ids):]
 
 
-def chat_wrap(ckpt, tok) -> tuple[str, str]:
-    """The chat template's text before and after a user's message, for --chat."""
-    mark = "\x00MESSAGE\x00"
-    before, _, after = chat_prompt(ckpt, tok, mark).partition(mark)
-    return before, after
+chat_wrap = chat_turn  # the chat template's text before and after a user's message, for --chat
 
 
 # ------------------------------------------------------------------------------------------ running a trial
@@ -244,7 +263,7 @@ class Runner:
             if a.device_.type == "cuda":
                 use_compile_cache()
                 gpu_matmuls(DTYPES[a.dtype_name])
-            self.model, self.tok = load(a.ckpt, a.device_, DTYPES[a.dtype_name])
+            self.model, self.tok = load(a.ckpt, a.device_, DTYPES[a.dtype_name], getattr(a, "rank_", 0), getattr(a, "world_", 1))
             if a.compile:
                 self.model.compile_blocks()
             self.wrap = chat_wrap(a.ckpt, self.tok) if a.chat else ("", "")

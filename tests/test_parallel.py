@@ -102,3 +102,25 @@ def test_snapshots_are_refused_under_tensor_parallel(tiny_ckpt, tmp_path):
     r = torchrun(2, "--ckpt", tiny_ckpt, "--prompt", "hi", "--device", "cpu", "--save-memory", tmp_path / "m.mem")
     assert r.returncode != 0 and not (tmp_path / "m.mem").exists()
     assert sum(line.startswith("error: ") and "tensor parallel" in line for line in r.stderr.splitlines()) == 2
+
+
+@needs_ckpt
+def test_passkey_sweep_on_three_processes_answers_as_one(tmp_path):
+    """scripts/passkey.py under torchrun: the same answers, one results file (written by process 0)."""
+    args = ["--ckpt", CKPT, "--lengths", "1K", "--depths", "0.5", "--trials", "1", "--attention", "infllm",
+            "--infllm", SMALL.replace("n_local=64", "n_local=128"), "--device", "cpu"]
+    script = str(ROOT / "scripts" / "passkey.py")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, script, *map(str, args), "--out", tmp_path / "one.jsonl"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert one.returncode == 0, one.stderr
+    three = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                            script, *map(str, args), "--out", tmp_path / "three.jsonl"],
+                           capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert three.returncode == 0, three.stderr
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.jsonl", "three.jsonl"))
+    assert a["answer"] == b["answer"] and a["prompt_tokens"] == b["prompt_tokens"]
+    # Selections are equal up to the order of a floating-point sum (the scores add over processes): over a
+    # thousand tokens, a near tie may go the other way and change a hit or two.
+    assert abs(a["hit_rate"] - b["hit_rate"]) < 0.01
+    assert three.stdout.count("| infllm |") == 1  # the table, printed once
