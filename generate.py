@@ -393,7 +393,6 @@ class Reader:
         for c in self.caches:
             c.reset()
             c.reserve(n + ROOM)  # at once, exactly: growing by a question later would copy it all
-        self.reserved = max(self.reserved, n + ROOM)
         load_memory(path, self.caches, self.header())
         self.mark = [c.snapshot(storage=False) for c in self.caches]
 
