@@ -14,6 +14,7 @@ STARTED = time.time()  # the process's start, near enough: before torch is impor
 
 import argparse
 import functools
+import gc
 import json
 import os
 import resource
@@ -59,6 +60,15 @@ def join_processes(device_name=None) -> tuple[int, int, torch.device | None]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def leave_processes():
+    """The end of a tensor-parallel run. The CUDA graphs that captured an all-reduce must be freed before
+    the process group: NCCL waits for them when it destroys its communicator, and the process would hang
+    (pytorch/pytorch#115388). The caller drops its references; collect() frees what only cycles hold."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
 
 class FixedShapes:
@@ -620,8 +630,7 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         return 2
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_processes()
     return 0
 
 

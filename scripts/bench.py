@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import (decode, forward_fn, gpu_matmuls, join_processes, peak_rss_gib, pick_device, prefill,  # noqa: E402
-                      use_compile_cache, UsageError)
+from generate import (decode, forward_fn, gpu_matmuls, join_processes, leave_processes, peak_rss_gib,  # noqa: E402
+                      pick_device, prefill, use_compile_cache, UsageError)
 from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
 from kernels import CHUNK_ATTENTION  # noqa: E402
 from model import DTYPES, ModelArgs, random_model, tensor_parallel  # noqa: E402
@@ -138,10 +138,10 @@ def main(argv=None) -> int:
         rows.append(row)
         row["processes"] = world
         if world > 1:  # the peaks of every process, for the host's total
-            import torch.distributed as dist
-            peaks = [None] * world
-            dist.all_gather_object(peaks, (row["peak_gpu_gib"], row["peak_rss_gib"]))
-            row["peak_gpu_gib_all"], row["peak_rss_gib_all"] = [p[0] for p in peaks], [p[1] for p in peaks]
+            mine = torch.tensor([row["peak_gpu_gib"] or 0.0, row["peak_rss_gib"]], device=device)
+            peaks = [torch.empty_like(mine) for _ in range(world)]
+            torch.distributed.all_gather(peaks, mine)
+            row["peak_gpu_gib_all"], row["peak_rss_gib_all"] = [[round(float(p[i]), 3) for p in peaks] for i in (0, 1)]
         if rank:
             continue
         if args.json:
@@ -155,8 +155,8 @@ def main(argv=None) -> int:
                   f"{row['first_since_start_s']:.1f} s after the process started", flush=True)
     if args.profile and rank == 0:  # the last length again, in the warm caches (compiled, graphs captured)
         profile(model, caches, forward, args.chunk or cfg.chunk_size, lengths[-1], device)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    caches = forward = None  # their CUDA graphs go before the process group
+    leave_processes()
     return 0
 
 

@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from generate import (UsageError, chat_turn, decode, fast_kernel, forward_fn, gpu_matmuls, join_processes, load,  # noqa: E402
-                      pick_device, prefill, use_compile_cache)
+from generate import (UsageError, chat_turn, decode, fast_kernel, forward_fn, gpu_matmuls, join_processes,  # noqa: E402
+                      leave_processes, load, pick_device, prefill, use_compile_cache)
 from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
 from model import DTYPES, CheckpointError  # noqa: E402
 from tokenizer import TokenizerError  # noqa: E402
@@ -170,8 +170,7 @@ def run_cli(argv, parse_args, check_args, sweep, report) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 1
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_processes()
     if args.rank_ == 0:
         report(args, records, argv)
     return 0

@@ -249,3 +249,43 @@ def test_snapshot_on_the_gpu_answers_like_one_process(tiny_ckpt, tmp_path, infll
         assert torch.allclose(who.feed(who.tok.encode(q), room=8), ref_logits, atol=1e-5)
         assert who.ask(q, 8) == ref
     assert other.forward.captures >= 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("attention", ["infllm", "full"])
+def test_two_gpus_generate_what_one_gpu_does(tiny_ckpt, attention):
+    """torchrun over 2 GPUs (NCCL): the all-reduces run inside the CUDA graphs of the forward (InfLLM), or
+    eagerly (full attention), and give one GPU's greedy text and unit-cache hits."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    args = ["--ckpt", str(tiny_ckpt), "--device", "cuda", "--dtype", "fp32", "--attention", attention, "--json",
+            "--prompt", "The list. " + " ".join(f"item{i} is {i * 7 % 13}." for i in range(60)) + " item3 is",
+            "--infllm", "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=3,exc_block_size=32,chunk_size=96",
+            "--max-new-tokens", "8"]
+    outs = []
+    for launch in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]):
+        r = subprocess.run([sys.executable, *launch, str(root / "generate.py"), *args], capture_output=True,
+                           text=True, timeout=600, cwd=root)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    one, two = outs
+    assert two["processes"] == 2 and two["text"] == one["text"] and two["new_tokens"] == 8
+    assert two["unit_cache_hit_rate"] == one["unit_cache_hit_rate"]
+
+
+@pytest.mark.parametrize("kernel", ["fused", "flex"])
+def test_ordered_memory_positions_on_the_gpu_equal_the_plain_cpu_path(kernel):
+    """memory_positions=ordered through the GPU kernels, the memory keys rotated per slot, against the
+    plain path on the CPU (itself checked against the float64 oracle in test_infllm.py)."""
+    import dataclasses
+    cfg = dataclasses.replace(SMALL, memory_positions="ordered")
+    cpu_model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0)
+    model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 400), device="cuda")
+    fast, cpu = make_caches(model, "infllm", cfg, kernel=kernel), make_caches(cpu_model, "infllm", cfg, kernel="plain")
+    a = run(model, fast, tokens, cfg.chunk_size, 20)
+    b = run(cpu_model, cpu, tokens.cpu(), cfg.chunk_size, 20)
+    assert (a.cpu() - b).abs().max() < 1e-3 and memory_stats(fast)["misses"] > 0
