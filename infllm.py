@@ -26,6 +26,7 @@ import kernels
 
 
 UNIT_DTYPES = ("model", "fp8")
+MEMORY_POSITIONS = ("fixed", "ordered")
 
 
 @dataclass
@@ -42,13 +43,23 @@ class InfLLMConfig:
     # Not in the paper: "fp8" stores units (host storage and device pool) in float8 e4m3, one scale per
     # unit and head: half the host memory and half the bytes over PCIe per lookup. "model": the model's dtype.
     unit_dtype: str = "model"
+    # Not in the paper: where the memory part's keys sit. "fixed" (the reference): every memory key at one
+    # distance, n_local - 1, so the order of the tokens inside a unit is lost. "ordered": the memory laid
+    # out as one stretch of text just before the window, in document order (init tokens, the selected
+    # units in ascending order, the far remainder), each key one position after the previous slot: the
+    # nearest slot at the reference's distance, the farthest n_init + topk * block_size + exc_block_size +
+    # block_size - 1 further (under 3K with the defaults, inside what the model saw in pre-training).
+    memory_positions: str = "fixed"
+
+    CHOICES = {"unit_dtype": UNIT_DTYPES, "memory_positions": MEMORY_POSITIONS}
 
     def check(self) -> "InfLLMConfig":
-        if self.unit_dtype not in UNIT_DTYPES:
-            raise ValueError(f"InfLLM setting unit_dtype={self.unit_dtype!r} must be one of {', '.join(UNIT_DTYPES)}")
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"InfLLM setting {name}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "unit_dtype":
+            if f.name in self.CHOICES:
                 continue
             if not isinstance(v, int) or v < (0 if f.name == "n_init" else 1):
                 raise ValueError(f"InfLLM setting {f.name}={v!r} must be a {'non-negative' if f.name == 'n_init' else 'positive'} integer")
@@ -71,7 +82,7 @@ class InfLLMConfig:
             if not sep or key not in names:
                 raise ValueError(f"unknown InfLLM setting {item!r} (known: {', '.join(sorted(names))})")
             try:
-                setattr(cfg, key, val.strip() if key == "unit_dtype" else int(val))
+                setattr(cfg, key, val.strip() if key in cls.CHOICES else int(val))
             except ValueError:
                 raise ValueError(f"InfLLM setting {key} needs an integer, got {val.strip()!r}") from None
         return cfg.check()
@@ -148,9 +159,10 @@ class MemoryUnits:
 
     AGE = 1 << 24  # slot age key = last use * AGE + unit: ties between units used together go to the lower
 
-    def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype, parallel=False):
+    def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype, parallel=False, compiled=False):
         self.cfg, self.device, self.dtype = cfg, torch.device(device or "cpu"), dtype
         self.parallel = parallel  # tensor parallel: these are one process's share of the heads
+        self.compiled = compiled  # read by torch.compile: its growing storage is marked dynamic
         self.block = (n_kv_heads, cfg.block_size, head_dim)
         # fp8 units: their bytes as uint8 in storage and pool, a scale per unit, head and K/V on the device.
         self.fp8 = cfg.unit_dtype == "fp8"
@@ -247,7 +259,8 @@ class MemoryUnits:
         if self.fp8:
             self.scales = torch.cat([self.scales[:n], self.scales.new_zeros(cap + 1 - n, *self.scales.shape[1:])])
         for t in (self.host_k, self.host_v, self.reprs, self.unit_slot) + ((self.scales,) if self.fp8 else ()):
-            torch._dynamo.mark_dynamic(t, 0)
+            if self.compiled:
+                torch._dynamo.mark_dynamic(t, 0)
         self.version += 1
 
     def lookup(self, q_mem, real):
@@ -352,17 +365,17 @@ class MemoryUnits:
     # The side stream is used only in the three methods below, which torch.compile leaves as they are: a
     # CUDA stream object traced through the compiled chunk step crashed PyTorch 2.11's dynamo.
 
-    @torch.compiler.disable
+    @kernels.outside_compile
     def _start_loads(self):
         kernels.gather_from_host(self.host_k, self.load_units, self.pool_k, self.load_slots, self.loader)
         kernels.gather_from_host(self.host_v, self.load_units, self.pool_v, self.load_slots, self.loader)
 
-    @torch.compiler.disable
+    @kernels.outside_compile
     def _start_write_back(self):
         kernels.scatter_to_host(self.stage_k, self.host_k, self.stage_rows, self.loader)
         kernels.scatter_to_host(self.stage_v, self.host_v, self.stage_rows, self.loader)
 
-    @torch.compiler.disable
+    @kernels.outside_compile
     def join_copies(self):
         """Work queued after this waits for the unit copies queued so far on the side stream: before the
         pool is read (the selected units are in their slots), and at the end of a layer's forward."""
@@ -434,7 +447,7 @@ class ContextMemory:
         # pos: tokens seen; start: position of the oldest recent token; n_init: init tokens held.
         self.pos_d, self.start_d, self.n_init_d = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
         self.pos = 0  # tokens seen, on the host: it sizes the unit storage
-        self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel) if self.use_units else None
+        self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, fuse) if self.use_units else None
         self.trace = None  # set to a list to record every piece's selected units (tests, inspection)
 
     def reserve(self, n_tokens):
@@ -515,6 +528,7 @@ class ContextMemory:
 
         # Memory part: all its keys at position 0 and the queries at n_local - 1. The lookup comes
         # first, so that the selected units load from host memory while the local part is computed.
+        # It scores units with these queries whatever memory_positions is: the lookup stays the reference's.
         q_mem = self.rope(q, torch.full((P,), N - 1, device=dev))
         selected = self._select(q_mem, real)
 
@@ -526,6 +540,10 @@ class ContextMemory:
         local = self.attend_local(self.rope(q, at), self.ring_kr, self.ring_v, mask_local)
 
         k_mem, v_mem, mask_mem, chosen = self._memory(at, real, selected)
+        if self.cfg.memory_positions == "ordered":
+            slot_pos, span = self._slot_positions(P)  # each memory slot's place in the stretch before the window
+            k_mem = self.rope(k_mem, slot_pos)
+            q_mem = self.rope(q, torch.full((P,), N - 1 + span - 1, device=dev))
         out, col_sums = self.attend_memory(local, q_mem, k_mem, v_mem, mask_mem)
         self.ring_score += col_sums
         self.pos_d += n
@@ -554,6 +572,17 @@ class ContextMemory:
         return (torch.cat([k_units, k_init, self.ring_k[:, far % self.ring]], dim=1),
                 torch.cat([v_units, v_init, self.ring_v[:, far % self.ring]], dim=1),
                 torch.cat([mask_units, mask_init, mask_far], dim=1), torch.where(valid, units, -1))
+
+    def _slot_positions(self, P):
+        """memory_positions=ordered: the position of each slot of _memory's keys [units, init, far] in
+        document order: init tokens first, then the selected units (ascending) token by token, then the
+        far remainder. A slot keeps its position when masked. Returns the positions and the stretch's length,
+        which is that of a whole piece's memory also for a shorter piece: positions never depend on padding."""
+        c = self.cfg
+        n_init, n_units, n_far = c.n_init + 1, c.topk * c.block_size, P + c.block_size - 1
+        at = torch.arange(n_init + n_units + n_far, device=self.ring_k.device)
+        span = n_init + n_units + c.exc_block_size + c.block_size - 1
+        return torch.cat([at[n_init:n_init + n_units], at[:n_init], at[n_init + n_units:]]), span
 
     def _init_part(self, real):
         held = torch.arange(self.cfg.n_init + 1, device=self.init_k.device) < self.n_init_d
@@ -600,8 +629,11 @@ class StreamCache(ContextMemory):
     def _memory(self, at, real, selected):
         return self._init_part(real) + (torch.full((1,), -1, device=at.device),)
 
+    def _slot_positions(self, P):
+        return torch.arange(self.cfg.n_init + 1, device=self.ring_k.device), self.cfg.n_init + 1
 
-@torch.compiler.disable  # a collective, called as it is from the compiled piece step
+
+@kernels.outside_compile  # a collective, called as it is from the compiled piece step
 def sum_scores_over_processes(scores):
     torch.distributed.all_reduce(scores)
     return scores

@@ -295,9 +295,22 @@ def _after_current(stream):
 
 
 GATHER_SPLIT = 4  # programs per unit in gather_from_host and scatter_to_host
+_OUTSIDE_COMPILE = []
 
 
-@torch.compiler.disable  # a host address is no tensor: torch.compile calls this as it is
+def outside_compile(fn):
+    """torch.compiler.disable, applied when compiled() is first asked for rather than at import: the
+    decorator imports dynamo, about 2 s at the start of every process, and a process that never
+    compiles does not need it. Until then the call goes straight to fn."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return (call.disabled or fn)(*args, **kwargs)
+    call.disabled = None
+    _OUTSIDE_COMPILE.append((call, fn))
+    return call
+
+
+@outside_compile  # a host address is no tensor: torch.compile calls this as it is
 def gather_from_host(src, rows, dst, dst_rows, stream=None):
     """dst[dst_rows[i]] = src[rows[i]] for every i with dst_rows[i] >= 0, where src lives in pinned host
     memory and the indices on the GPU. A Triton kernel reads the host rows over PCIe itself (pinned
@@ -314,13 +327,13 @@ def gather_from_host(src, rows, dst, dst_rows, stream=None):
         _gather_kernel[(n, GATHER_SPLIT)](src.data_ptr(), rows, dst, dst_rows, row, BLOCK=4096, SPLIT=GATHER_SPLIT)
 
 
-@torch.compiler.disable
+@outside_compile
 def join(stream):
     """Work queued after this waits for everything queued on stream so far."""
     torch.cuda.current_stream().wait_stream(stream)
 
 
-@torch.compiler.disable
+@outside_compile
 def scatter_to_host(src, dst, rows, stream=None):
     """dst[rows[i]] = src[i] for every i with rows[i] >= 0, where dst lives in pinned host memory and src
     and rows on the GPU: the write-back twin of gather_from_host. New units go to host storage at rows only the device knows. With a
@@ -338,6 +351,8 @@ def compiled(fn):
     own specialised graph (dynamic=False: a graph generalised over the number of queries would serve the
     steady 512-query pieces too, with slower kernels). The one size that grows with the prompt, the unit
     storage, is marked dynamic where it is allocated (MemoryUnits.reserve)."""
+    for call, f in _OUTSIDE_COMPILE:
+        call.disabled = call.disabled or torch.compiler.disable(f)
     return torch.compile(fn, dynamic=False)
 
 

@@ -103,7 +103,8 @@ def sum_over_processes(x: torch.Tensor) -> torch.Tensor:
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """The rotary inverse frequencies, with Llama-3's long-context rescaling where the config asks."""
     d = args.head_dim
-    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    # On the CPU also inside a meta-device context: meta arithmetic would import dynamo (2 s).
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     s = args.rope_scaling
     if s is None:
         return inv_freq.float()
@@ -205,7 +206,9 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        # Weights come from the checkpoint (or random_model): no initialiser runs. On the meta device an
+        # Embedding's own would import dynamo, 2 s at the start of every process that never compiles.
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)

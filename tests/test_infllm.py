@@ -44,6 +44,32 @@ class DenseInfLLM:
         return torch.cat([self.chunk(q[0, :, s:s + e], k[0, :, s:s + e], v[0, :, s:s + e])
                           for s in range(0, q.shape[2], e)], dim=1)[None]
 
+    def memory_positions(self, selected):
+        """memory_positions=ordered: each memory key's position [N] in one stretch of text before the
+        window, in document order: init tokens, then the selected units' tokens (a unit's place among the
+        selected times block_size, plus the token's place in the unit), then the far remainder (its place
+        among the recent tokens). Queries sit n_local - 1 beyond the last slot of a whole piece's memory:
+        init, topk units and exc_block_size + block_size - 1 far slots, masked or not."""
+        c, B = self.cfg, self.cfg.block_size
+        first_recent = self.state.index("recent")
+        pos, n_init, in_unit = [], 0, {}
+        for i, s in enumerate(self.state):
+            if s == "init":
+                pos.append(n_init)
+                n_init += 1
+            elif s == "recent":
+                pos.append(c.n_init + 1 + c.topk * B + i - first_recent)
+            elif s in selected:
+                b = in_unit[s] = in_unit.get(s, -1) + 1
+                pos.append(c.n_init + 1 + selected.index(s) * B + b)
+            else:
+                pos.append(0)  # not attended in the memory part
+        if self.stream:
+            slots = c.n_init + 1
+        else:
+            slots = c.n_init + 1 + c.topk * B + c.exc_block_size + B - 1
+        return torch.tensor(pos), c.n_local - 1 + slots - 1
+
     def chunk(self, q, k, v):
         c = self.cfg
         Hq, T, D = q.shape
@@ -82,7 +108,11 @@ class DenseInfLLM:
         for h in range(Hq):
             kh, vh = self.K[h // G], self.V[h // G]
             s_local = rotate(q[h], qpos, self.inv_freq) @ rotate(kh, kpos, self.inv_freq).T
-            s_mem = q_mem[h] @ kh.T  # memory keys unrotated
+            if self.cfg.memory_positions == "ordered":
+                kpos_mem, qpos_mem = self.memory_positions(selected)
+                s_mem = rotate(q[h], torch.full((T,), qpos_mem), self.inv_freq) @ rotate(kh, kpos_mem, self.inv_freq).T
+            else:
+                s_mem = q_mem[h] @ kh.T  # memory keys unrotated
             s = torch.where(local, s_local, torch.where(memory, s_mem, -math.inf)) / math.sqrt(D)
             p = torch.softmax(s, dim=-1)
             out[h] = p @ vh
@@ -184,6 +214,30 @@ def test_matches_dense_oracle_with_evictions(model64, attention, seed, kernel):
         assert any(len(s) == SMALL.topk and len(o.reprs) > SMALL.topk for o in oracles for s in o.selections)
         stats = memory_stats(caches)
         assert stats["misses"] > 0 and stats["hits"] > 0
+
+
+@pytest.mark.parametrize("attention, kernel, pieces", [("infllm", "plain", False), ("infllm", "blocked", False),
+                                                       ("infllm", "flex", False), ("infllm", "blocked", True),
+                                                       ("stream", "blocked", True)])
+def test_ordered_memory_positions_match_dense_oracle(model64, attention, kernel, pieces):
+    """memory_positions=ordered: the memory's keys in document order before the window, against the
+    float64 oracle, unpadded or in the padded pieces CUDA graphs replay; the same lookups as the
+    reference (it scores units as before), other outputs."""
+    from generate import FixedShapes
+    cfg = dataclasses.replace(SMALL, memory_positions="ordered")
+    prompt, dec = tokens(150, 50), tokens(16, 51)
+    caches = make_caches(model64, attention, cfg, kernel=kernel)
+    oracles = [DenseInfLLM(cfg, model64.rope.inv_freq, stream=attention == "stream") for _ in caches]
+    for c in caches:
+        c.trace = []
+    ours = run(model64, caches, prompt, cfg.chunk_size, dec, forward=FixedShapes(model64, caches, graphs=False) if pieces else None)
+    ref = run(model64, oracles, prompt, cfg.chunk_size, dec)
+    assert (ours - ref).abs().max() < (1e-6 if kernel == "flex" else 1e-9)
+    fixed = run(model64, make_caches(model64, attention, SMALL, kernel=kernel), prompt, cfg.chunk_size, dec)
+    assert (ours - fixed).abs().max() > 1e-3, "the positions must change what the memory part gives"
+    if attention == "infllm":
+        assert [c.trace for c in caches] == [o.selections for o in oracles]
+        assert any(len(s) == cfg.topk for o in oracles for s in o.selections)
 
 
 @pytest.mark.parametrize("kernel", ["plain", "blocked"])
