@@ -3,9 +3,9 @@
 
     python scripts/niah.py --ckpt DIR --tasks single,multikey,multivalue,multiquery --haystacks prose \
         --lengths 4K,8K --depths 0,0.25,0.5,0.75,1 --samples 3 --attention infllm,stream,full \
-        [--keys words] [--values numbers] [--max-new-tokens 128] [--device cpu|cuda] [--dtype bf16|fp16|fp32] \
-        [--infllm key=val,...] [--compile] [--seed 0] [--chat] [--full-max-length 16K] [--out results.jsonl] \
-        [--resume] [--table docs/quality.md] [--plot niah.png]
+        [--keys words] [--values numbers] [--digits 7] [--max-new-tokens 128] [--device cpu|cuda] \
+        [--dtype bf16|fp16|fp32] [--infllm key=val,...] [--compile] [--seed 0] [--chat] [--full-max-length 16K] \
+        [--out results.jsonl] [--resume] [--table docs/quality.md] [--plot niah.png]
 
 Tasks, as RULER's (needles with distinct keys, values per key, keys asked):
     single      1  1  1   one needle
@@ -17,8 +17,9 @@ Haystacks:
     prose   Python's documentation, `pydoc_data.topics` (in every Python; some 100K tokens), from its start,
             going round again when a prompt is longer (RULER uses Paul Graham's essays)
     noise   the words of `prose` in a fixed random order: the same tokens without sentences or meaning
-Keys and values are words (adjective-noun, as "quiet-otter"), 7-digit numbers or UUIDs, drawn from --seed: a
-sample has the same needles at every length, depth and attention mode and on every haystack. The first needle
+Keys and values are words (adjective-noun, as "quiet-otter"), numbers of --digits digits (RULER's 7) or UUIDs,
+drawn from --seed: a sample has the same needles at every length, depth and attention mode and on every haystack,
+and the same keys whatever --digits (a small model may need values shorter than 7 digits). The first needle
 sits at the depth (0: right after the instruction, 1: right before the question), the others at depths drawn
 for the sample. A sample's score is the fraction of the expected values that the answer holds (RULER's
 string_match_all); the table gives the mean score in % per depth. Lengths are in tokens, as in passkey.py;
@@ -75,22 +76,24 @@ class Sample:
     expected: list[str]  # the values the answer must hold
 
 
-def draw(rng: random.Random, kind: str) -> str:
-    if kind == "numbers":
-        return str(rng.randint(10 ** 6, 10 ** 7 - 1))
+def draw(rng: random.Random, kind: str, digits: int = 7) -> str:
+    if kind == "numbers":  # as RULER's generate_random_number: no leading zero, so exactly `digits` digits
+        return str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
     if kind == "words":
         return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def make_sample(task: str, key_kind: str, value_kind: str, seed: int, i: int) -> Sample:
-    """The i-th sample of a task: its own generator, so that it does not depend on what else the sweep runs."""
+def make_sample(task: str, key_kind: str, value_kind: str, seed: int, i: int, digits: int = 7) -> Sample:
+    """The i-th sample of a task: its own generator, so that it does not depend on what else the sweep runs.
+    `digits` stays out of the generator's seed: with other digits a sample keeps its keys (words or UUIDs), so
+    that only the values' length changes (the other needles' depths, drawn after the values, may move)."""
     rng = random.Random(f"{seed}/{task}/{key_kind}/{value_kind}/{i}")
     n_keys, n_values, n_asked = TASKS[task]
     taken = set()
 
     def fresh(kind):  # every key and value distinct, so that no needle answers for another
-        while (x := draw(rng, kind)) in taken:
+        while (x := draw(rng, kind, digits)) in taken:
             pass
         taken.add(x)
         return x
@@ -304,6 +307,7 @@ def parse_args(argv=None):
     p.add_argument("--values", default="numbers", help=f"kinds of values, among {', '.join(KINDS)}")
     p.add_argument("--lengths", default="4K,8K,16K,32K", help="prompt lengths in tokens (K = 1024)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the first needle sits: 0 start, 1 end")
+    p.add_argument("--digits", type=int, default=7, help="digits of `numbers` keys and values (1-12; RULER's: 7)")
     p.add_argument("--samples", type=int, default=1, help="samples (needles drawn from --seed) per (length, depth)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length (RULER's: 128)")
     add_common_args(p)
@@ -317,6 +321,8 @@ def check_args(args):
     args.key_kinds = parse_choices(args.keys, tuple(KINDS), "kind of key")
     args.value_kinds = parse_choices(args.values, tuple(KINDS), "kind of value")
     check_common(args)
+    if not 1 <= args.digits <= 12:  # 1 digit still gives the 8 distinct numbers a task may need
+        raise UsageError(f"--digits must be between 1 and 12, not {args.digits}")
     if args.samples < 1:
         raise UsageError("--samples must be at least 1")
     if args.max_new_tokens < 1:
@@ -327,7 +333,9 @@ def check_args(args):
 
 def settings(args, mode) -> dict:
     # pydoc_data.topics is rebuilt for every Python release: prose and noise are the same text only within one.
-    return settings_of(args, mode, args.max_new_tokens) | {"python": platform.python_version()}
+    # digits: a 5-digit needle is another task than a 7-digit one, and a resumed sweep must not mix them.
+    return settings_of(args, mode, args.max_new_tokens) | {"python": platform.python_version(),
+                                                           "digits": args.digits}
 
 
 def suite_label(suite) -> str:
@@ -341,10 +349,12 @@ def ident(r) -> tuple:
 
 
 def sweep(args, records: list[dict], write) -> None:
+    for r in records:
+        r["settings"].setdefault("digits", 7)  # written before --digits: RULER's 7, the only length then
     done = {ident(r) for r in records}
     tok = load_tokenizer(args.ckpt)
     parts = Parts(tok, chat_wrap(args.ckpt, tok) if args.chat else ("", ""))
-    samples = {suite: [make_sample(suite[0], *suite[2:], args.seed, i) for i in range(args.samples)]
+    samples = {suite: [make_sample(suite[0], *suite[2:], args.seed, i, args.digits) for i in range(args.samples)]
                for suite in args.suites}
     need = max(minimum_length(parts, s) for ss in samples.values() for s in ss)
     if args.lengths[0] < need:  # before any trial runs
@@ -430,7 +440,8 @@ def markdown_table(args, records) -> str:
 def write_table(args, records, path, argv):
     write_markdown(path, "Needles in a haystack (RULER)", "niah.py", argv,
                    f"mean score (the fraction of the expected values in the answer) per depth, greedy, "
-                   f"{args.max_new_tokens} new tokens at most; in brackets the number of trials.",
+                   f"{args.max_new_tokens} new tokens at most, numbers of {args.digits} digits; in brackets the "
+                   f"number of trials.",
                    markdown_table(args, records))
 
 

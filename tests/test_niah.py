@@ -98,6 +98,22 @@ def test_needles_sit_at_their_depths(parts, hay):
 
 
 @needs_tokenizer
+@pytest.mark.parametrize("hay", ["prose", "repeat"])
+def test_prompt_with_5_digit_numbers(parts, hay):
+    """--digits 5: the prompt holds the 5-digit needle where the 7-digit one was, and is still its text encoded."""
+    s5, s7 = make_sample("single", "words", "numbers", 0, 0, 5), make_sample("single", "words", "numbers", 0, 0)
+    p5, p7 = (build_prompt(parts, haystack(hay, parts), s, 3000, 0.5) for s in (s5, s7))
+    assert p5.ids == parts.tok.encode(p5.text, bos=True) and 3000 - 8 < len(p5.ids) <= 3000
+    (value,) = re.findall(r"The special number for humble-piano is (\d+)\.", p5.text)
+    assert value == s5.expected[0] and len(value) == 5 and value not in p7.text
+    # The same words around it: the same text with the 7-digit needle put back, up to the haystack's last words
+    # (two tokens fewer of needle leave room for more words there).
+    same = len(p7.text) - len(niah.question(s7)) - 100
+    assert p5.text.replace(s5.needles[0], s7.needles[0])[:same] == p7.text[:same]
+    assert p5.needle_at == p7.needle_at
+
+
+@needs_tokenizer
 def test_too_short_a_length_is_refused(parts):
     s = make_sample("multiquery", "uuids", "uuids", 0, 0)
     need = niah.minimum_length(parts, s)
@@ -125,6 +141,27 @@ def test_samples_are_seeded_and_shaped_as_their_tasks():
             assert all(re.fullmatch(pattern[keys], k) for k, _ in found)
             assert all(re.fullmatch(pattern[values], v) for _, v in found)
             assert all(0 <= d <= 1 for d in s.other_depths)
+
+
+@pytest.mark.parametrize("digits", [1, 4, 5, 12])
+def test_digits_shorten_the_numbers_and_keep_the_keys(digits):
+    """--digits changes the length of `numbers` keys and values and nothing else of a sample: the same keys
+    (words, UUIDs), values of other kinds untouched, RULER's 7 by default."""
+    for task in TASKS:
+        for keys, values in KINDS + [("words", "words")]:
+            s, s7 = make_sample(task, keys, values, 7, 2, digits), make_sample(task, keys, values, 7, 2)
+            assert s7 == make_sample(task, keys, values, 7, 2, 7) and s == make_sample(task, keys, values, 7, 2, digits)
+            found = re.findall(r"The special \w+ for (\S+) is (\S+)\.", " ".join(s.needles))
+            number = rf"[1-9]\d{{{digits - 1}}}"
+            assert all(re.fullmatch(number, k) for k, _ in found) == (keys == "numbers")
+            assert all(re.fullmatch(number, v) for _, v in found) == (values == "numbers")
+            assert len({x for kv in found for x in kv}) == len(s.needles) + TASKS[task][0]  # all distinct
+            if keys != "numbers":
+                assert s.asked == s7.asked and [k for k, _ in found] == [n.split()[4] for n in s7.needles]
+            if values == "numbers":
+                assert all(len(v) == digits for v in s.expected) and all(len(v) == 7 for v in s7.expected)
+            elif keys != "numbers":
+                assert s == s7
 
 
 def test_score_is_the_fraction_of_values_found():
@@ -196,6 +233,35 @@ def test_cli_sweep_table_resume_and_plot(tiny_ckpt, tmp_path, capsys):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_cli_digits_are_recorded_and_never_mixed(tiny_ckpt, tmp_path, capsys):
+    """--digits 5 puts 5-digit values (the keys of the 7-digit run) into the records and their settings; a resumed
+    sweep with other digits runs its own trials, and records from before --digits count as 7 digits."""
+    out = tmp_path / "r.jsonl"
+    argv = ["--ckpt", str(tiny_ckpt), "--tasks", "single,multivalue", "--haystacks", "repeat", "--lengths", "400",
+            "--depths", "0.5", "--samples", "2", "--attention", "full", "--max-new-tokens", "2", "--device", "cpu",
+            "--out", str(out)]
+    assert niah.main(argv + ["--digits", "5"]) == 0
+    five = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(five) == 4 and all(r["settings"]["digits"] == 5 for r in five)
+    assert all(re.fullmatch(r"[1-9]\d{4}", v) for r in five for v in r["expected"])
+    for r in five:
+        assert r["asked"] == make_sample(r["task"], "words", "numbers", 0, r["sample"]).asked
+        assert r["expected"] == make_sample(r["task"], "words", "numbers", 0, r["sample"], 5).expected
+    capsys.readouterr()
+    assert niah.main(argv + ["--resume"]) == 0  # 7 digits: four more trials, and a table of those alone
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(recs) == 8 and [r["settings"]["digits"] for r in recs] == [5] * 4 + [7] * 4
+    assert all(len(v) == 7 for r in recs[4:] for v in r["expected"])
+    stdout, stderr = capsys.readouterr()
+    assert stderr.count(" sample ") == 4 and stdout.count("| 400 (") == 2 and stdout.count("% (2) |") == 2
+
+    # Records written before --digits (no digits in their settings) are 7-digit ones: nothing runs again.
+    out.write_text("".join(json.dumps({**r, "settings": {k: v for k, v in r["settings"].items() if k != "digits"}})
+                           + "\n" for r in recs[4:]))
+    assert niah.main(argv + ["--resume"]) == 0
+    assert out.read_text().count("\n") == 4 and capsys.readouterr()[1].count(" sample ") == 0
+
+
 @pytest.mark.parametrize("args, words", [
     (["--tasks", "single,needle"], "unknown task 'needle'"),
     (["--haystacks", "essay"], "unknown haystack 'essay'"),
@@ -204,6 +270,8 @@ def test_cli_sweep_table_resume_and_plot(tiny_ckpt, tmp_path, capsys):
     (["--attention", "dense"], "unknown attention mode 'dense'"),
     (["--depths", "2"], "outside [0, 1]"),
     (["--samples", "0"], "at least 1"),
+    (["--digits", "0"], "--digits must be between 1 and 12, not 0"),
+    (["--digits", "13"], "--digits must be between 1 and 12, not 13"),
 ])
 def test_cli_errors(tmp_path, capsys, args, words):
     assert niah.main(["--ckpt", str(tmp_path), *args]) == 2
