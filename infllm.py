@@ -447,6 +447,8 @@ class ContextMemory:
         # pos: tokens seen; start: position of the oldest recent token; n_init: init tokens held.
         self.pos_d, self.start_d, self.n_init_d = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
         self.pos = 0  # tokens seen, on the host: it sizes the unit storage
+        # The memory part's queries always sit at n_local - 1: their rotation is computed once, here.
+        self.memory_angles = rope.angles(torch.full((1,), cfg.n_local - 1, device=device), self.ring_k.dtype)
         self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, fuse) if self.use_units else None
         self.trace = None  # set to a list to record every piece's selected units (tests, inspection)
 
@@ -521,7 +523,8 @@ class ContextMemory:
         at = self.pos_d + t  # the piece's positions
         new = at % R  # padding lands in slots of tokens that already left the ring, marked empty
         self.ring_k.index_copy_(1, new, k)
-        self.ring_kr.index_copy_(1, new, self.rope(k, at))
+        at_angles = self.rope.angles(at, k.dtype)  # the piece's keys and its queries in the window
+        self.ring_kr.index_copy_(1, new, self.rope(k, angles=at_angles))
         self.ring_v.index_copy_(1, new, v)
         self.ring_score.index_fill_(1, new, 0.0)
         self.ring_pos.index_copy_(0, new, torch.where(real, at, -1))
@@ -529,7 +532,7 @@ class ContextMemory:
         # Memory part: all its keys at position 0 and the queries at n_local - 1. The lookup comes
         # first, so that the selected units load from host memory while the local part is computed.
         # It scores units with these queries whatever memory_positions is: the lookup stays the reference's.
-        q_mem = self.rope(q, torch.full((P,), N - 1, device=dev))
+        q_mem = self.rope(q, angles=self.memory_angles)
         selected = self._select(q_mem, real)
 
         # Local part: each query sees the n_local tokens up to itself. The ring is read in place, in
@@ -537,7 +540,7 @@ class ContextMemory:
         # telling which keys a query sees. Padding queries see nothing and add to no local score.
         p = self.ring_pos
         mask_local = (p[None, :] <= at[:, None]) & (p[None, :] > at[:, None] - N) & (p >= 0)[None, :] & real[:, None]
-        local = self.attend_local(self.rope(q, at), self.ring_kr, self.ring_v, mask_local)
+        local = self.attend_local(self.rope(q, angles=at_angles), self.ring_kr, self.ring_v, mask_local)
 
         k_mem, v_mem, mask_mem, chosen = self._memory(at, real, selected)
         if self.cfg.memory_positions == "ordered":

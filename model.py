@@ -127,16 +127,21 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_frequencies(args).to(device), persistent=False)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Rotate x [..., T, head_dim] to positions pos [T] (Hugging Face's half-split layout)."""
-        acc = torch.promote_types(x.dtype, torch.float32)
+    def angles(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of positions pos [T], each [T, head_dim] in dtype: computed once for every tensor
+        rotated to the same positions (a piece's queries and keys; memory's one fixed position)."""
+        acc = torch.promote_types(dtype, torch.float32)
         # Angles in float64, reduced to one turn: InfLLM's window keys sit at their absolute positions, and
         # at position 1M a float32 angle is off by up to 0.03 rad. Counted in turns and reduced by floor, not
         # by %: compiled, the float64 remainder would run once for every element of x, and it is slow.
         turns = pos.double()[:, None] * (self.inv_freq.double()[None, :] / (2 * math.pi))
         freqs = ((turns - turns.floor()) * (2 * math.pi)).to(acc)
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, angles=None) -> torch.Tensor:
+        """Rotate x [..., T, head_dim] to positions pos [T], or by their angles (Hugging Face's half-split layout)."""
+        cos, sin = self.angles(pos, x.dtype) if angles is None else angles
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
