@@ -162,7 +162,7 @@ class MemoryUnits:
     def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype, parallel=False, compiled=False):
         self.cfg, self.device, self.dtype = cfg, torch.device(device or "cpu"), dtype
         self.parallel = parallel  # tensor parallel: these are one process's share of the heads
-        self.compiled = compiled  # read by torch.compile: its growing storage is marked dynamic
+        self.compiled = compiled  # read by the compiled piece step: growing storage is marked dynamic
         self.block = (n_kv_heads, cfg.block_size, head_dim)
         # fp8 units: their bytes as uint8 in storage and pool, a scale per unit, head and K/V on the device.
         self.fp8 = cfg.unit_dtype == "fp8"
@@ -448,7 +448,10 @@ class ContextMemory:
         self.pos_d, self.start_d, self.n_init_d = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
         self.pos = 0  # tokens seen, on the host: it sizes the unit storage
         # The memory part's queries always sit at n_local - 1: their rotation is computed once, here.
-        self.memory_angles = rope.angles(torch.full((1,), cfg.n_local - 1, device=device), self.ring_k.dtype)
+        self.memory_angles = rope.angles(torch.tensor([cfg.n_local - 1], device=device), self.ring_k.dtype)
+        if cfg.memory_positions == "ordered":  # the memory part's queries one stretch further, each key at its slot's
+            query = torch.tensor([cfg.n_local - 1 + self.ordered_span() - 1], device=device)
+            self.ordered_angles = (rope.angles(query, self.ring_k.dtype), rope.angles(self.slot_positions(), self.ring_k.dtype))
         self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, fuse) if self.use_units else None
         self.trace = None  # set to a list to record every piece's selected units (tests, inspection)
 
@@ -543,10 +546,10 @@ class ContextMemory:
         local = self.attend_local(self.rope(q, angles=at_angles), self.ring_kr, self.ring_v, mask_local)
 
         k_mem, v_mem, mask_mem, chosen = self._memory(at, real, selected)
-        if self.cfg.memory_positions == "ordered":
-            slot_pos, span = self._slot_positions(P)  # each memory slot's place in the stretch before the window
-            k_mem = self.rope(k_mem, slot_pos)
-            q_mem = self.rope(q, torch.full((P,), N - 1 + span - 1, device=dev))
+        if self.cfg.memory_positions == "ordered":  # a shorter piece has fewer far slots: a prefix of the angles
+            query, slots = self.ordered_angles
+            k_mem = self.rope(k_mem, angles=tuple(a[:k_mem.shape[1]] for a in slots))
+            q_mem = self.rope(q, angles=query)
         out, col_sums = self.attend_memory(local, q_mem, k_mem, v_mem, mask_mem)
         self.ring_score += col_sums
         self.pos_d += n
@@ -576,16 +579,19 @@ class ContextMemory:
                 torch.cat([v_units, v_init, self.ring_v[:, far % self.ring]], dim=1),
                 torch.cat([mask_units, mask_init, mask_far], dim=1), torch.where(valid, units, -1))
 
-    def _slot_positions(self, P):
+    def ordered_span(self):
+        """memory_positions=ordered: the slots of a whole piece's memory part (init, topk units, far
+        remainder), one position each; a shorter piece's keys take the first of them, never other positions."""
+        c = self.cfg
+        return c.n_init + 1 + c.topk * c.block_size + c.exc_block_size + c.block_size - 1
+
+    def slot_positions(self):
         """memory_positions=ordered: the position of each slot of _memory's keys [units, init, far] in
         document order: init tokens first, then the selected units (ascending) token by token, then the
-        far remainder. A slot keeps its position when masked. Returns the positions and the stretch's length,
-        which is that of a whole piece's memory also for a shorter piece: positions never depend on padding."""
-        c = self.cfg
-        n_init, n_units, n_far = c.n_init + 1, c.topk * c.block_size, P + c.block_size - 1
-        at = torch.arange(n_init + n_units + n_far, device=self.ring_k.device)
-        span = n_init + n_units + c.exc_block_size + c.block_size - 1
-        return torch.cat([at[n_init:n_init + n_units], at[:n_init], at[n_init + n_units:]]), span
+        far remainder. A slot keeps its position when masked."""
+        n_init, n_units = self.cfg.n_init + 1, self.cfg.topk * self.cfg.block_size
+        at = torch.arange(self.ordered_span(), device=self.ring_k.device)
+        return torch.cat([at[n_init:n_init + n_units], at[:n_init], at[n_init + n_units:]])
 
     def _init_part(self, real):
         held = torch.arange(self.cfg.n_init + 1, device=self.init_k.device) < self.n_init_d
@@ -632,8 +638,11 @@ class StreamCache(ContextMemory):
     def _memory(self, at, real, selected):
         return self._init_part(real) + (torch.full((1,), -1, device=at.device),)
 
-    def _slot_positions(self, P):
-        return torch.arange(self.cfg.n_init + 1, device=self.ring_k.device), self.cfg.n_init + 1
+    def ordered_span(self):
+        return self.cfg.n_init + 1
+
+    def slot_positions(self):
+        return torch.arange(self.cfg.n_init + 1, device=self.ring_k.device)
 
 
 @kernels.outside_compile  # a collective, called as it is from the compiled piece step
