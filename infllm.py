@@ -27,6 +27,8 @@ import kernels
 
 UNIT_DTYPES = ("model", "fp8")
 MEMORY_POSITIONS = ("fixed", "ordered")
+REPR_SCORING = ("mean", "best")
+LOOKUP_QUERIES = ("mean", "each")
 
 
 @dataclass
@@ -50,8 +52,20 @@ class InfLLMConfig:
     # nearest slot at the reference's distance, the farthest n_init + topk * block_size + exc_block_size +
     # block_size - 1 further (under 3K with the defaults, inside what the model saw in pre-training).
     memory_positions: str = "fixed"
+    # Not in the paper: how a unit's representative tokens score it. "mean" (the reference): their keys
+    # averaged per head, one key per head, dotted with the lookup's query. "best": the unit keeps the
+    # repr_topk keys per head as they are, and each head takes the best of them (the unit scores by its
+    # one token that best matches, not by an average that may match none); repr_topk times the device
+    # memory of the representative keys.
+    repr_scoring: str = "mean"
+    # Not in the paper: which queries look units up. "mean" (the reference): the piece's queries averaged,
+    # one lookup vector. "each": every query of the piece scores every unit and a unit keeps its best
+    # query's score (a unit that one query needs is not outvoted by the rest of the piece); exc_block_size
+    # times the lookup's arithmetic in the prefill, the same as "mean" when decoding (one query).
+    lookup_queries: str = "mean"
 
-    CHOICES = {"unit_dtype": UNIT_DTYPES, "memory_positions": MEMORY_POSITIONS}
+    CHOICES = {"unit_dtype": UNIT_DTYPES, "memory_positions": MEMORY_POSITIONS, "repr_scoring": REPR_SCORING,
+               "lookup_queries": LOOKUP_QUERIES}
 
     def check(self) -> "InfLLMConfig":
         for name, allowed in self.CHOICES.items():
@@ -171,7 +185,8 @@ class MemoryUnits:
         counter = functools.partial(torch.zeros, (), dtype=torch.long, device=device)
         self.n, self.lookups, self.hits, self.misses, self.clock = (counter() for _ in range(5))
         self.host_k = self.host_v = self._host(0)
-        self.reprs = torch.empty(0, n_heads * head_dim, device=device, dtype=dtype)
+        # The representative keys, per unit [Hq, r, D] flattened: r = 1 (their mean), or repr_topk (best).
+        self.reprs = torch.empty(0, n_heads * repr_keys(cfg) * head_dim, device=device, dtype=dtype)
         self.unit_slot = torch.empty(0, dtype=torch.long, device=device)  # unit -> slot, -1: not cached
         S = cfg.max_cached_block
         self.pool_k = torch.zeros(S + 1, *self.block, device=device, dtype=self.store)  # slot S: scratch
@@ -215,7 +230,7 @@ class MemoryUnits:
 
     def add(self, k_blocks, v_blocks, reprs, n_new=None):
         """Store the first n_new (a device count; default all) of the blocks [most, Hkv, B, D] as new
-        units after the last one, with their representative keys [most, Hq * D]. The others go nowhere:
+        units after the last one, with their representative keys [most, Hq * r * D]. The others go nowhere:
         a piece makes at most `most` units, and how many only the device knows."""
         most = k_blocks.shape[0]
         n_new = most if n_new is None else n_new
@@ -267,13 +282,14 @@ class MemoryUnits:
         """The units this piece attends to: topk by representative score over its real queries (every
         unit while there are no more than topk), loaded into device slots. Returns (units, valid, slots),
         topk each: with fewer than topk units stored (or no real query), the entries past them are not valid."""
-        scores = kernels.score_units(q_mem, self.reprs, real)
-        if self.parallel:
-            # Tensor parallel: this process holds the units of its own key-value heads, and scored them
-            # with its query heads' share of the representative keys and of the averaged query. A unit's
-            # score is a sum over all query heads, so the processes add their partial scores here, before
-            # the top-k: every process then selects the same units, as one process would.
-            scores = sum_scores_over_processes(scores)
+        # Tensor parallel: this process holds the units of its own key-value heads, and scores them with
+        # its query heads' share of the representative keys and of the queries. A unit's score (for each
+        # query, with lookup_queries=each) is a sum over all query heads, so the processes add their
+        # partial sums, before any max over queries and before the top-k: every process then selects the
+        # same units, as one process would. (repr_scoring=best takes its max per head: still a sum over heads.)
+        scores = kernels.score_units(q_mem, self.reprs, real, best_token=self.cfg.repr_scoring == "best",
+                                     each_query=self.cfg.lookup_queries == "each",
+                                     over_heads=sum_scores_over_processes if self.parallel else None)
         stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
         units = kernels.select_units(scores.masked_fill(~stored, float("-inf")), self.cfg.topk)
         valid = (units < self.n) & real.any()  # ascending: the stored units come first
@@ -393,6 +409,11 @@ class MemoryUnits:
 def grown_units(capacity: int, need: int) -> int:
     """The capacity MemoryUnits.reserve grows to for need units (and memory_plan counts)."""
     return max(need, capacity + capacity // 8)
+
+
+def repr_keys(cfg: InfLLMConfig) -> int:
+    """Representative keys a unit keeps per query head: their mean, or each of them (repr_scoring=best)."""
+    return cfg.repr_topk if cfg.repr_scoring == "best" else 1
 
 
 def new_units_most(cfg: InfLLMConfig, P: int) -> int:
@@ -622,7 +643,8 @@ class ContextMemory:
             k = self.ring_k[:, src].reshape(Hkv, most, B, D).transpose(0, 1)
             v = self.ring_v[:, src].reshape(Hkv, most, B, D).transpose(0, 1)
             score = self.ring_score[:, src].reshape(self.n_heads, most, B).transpose(0, 1)
-            self.units.add(k, v, kernels.representative_keys(k, score, cfg.repr_topk), n_new)
+            reprs = kernels.representative_keys(k, score, cfg.repr_topk, keep_each=cfg.repr_scoring == "best")
+            self.units.add(k, v, reprs, n_new)
         self.start_d += n_new * B
 
 
@@ -689,7 +711,7 @@ def memory_plan(args, attention: str, cfg: InfLLMConfig, n_tokens: int, dtype, d
         unit = Hkv * cfg.block_size * D * (1 if cfg.unit_dtype == "fp8" else e)
         rows = grown_units(cfg.topk, n_tokens // cfg.block_size + 1) + 1  # MemoryUnits.reserve, scratch row
         parts["memory units"] = L * 2 * rows * unit
-        parts["representative keys"] = L * rows * (Hq * D * e + 8 + (8 * Hkv if cfg.unit_dtype == "fp8" else 0))
+        parts["representative keys"] = L * rows * (Hq * repr_keys(cfg) * D * e + 8 + (8 * Hkv if cfg.unit_dtype == "fp8" else 0))
         staging = new_units_most(cfg, cfg.exc_block_size) if on_gpu else 0  # write-back buffers
         parts["unit pool"] = L * 2 * (cfg.max_cached_block + 1 + staging) * unit
         host.add("memory units")

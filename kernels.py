@@ -72,15 +72,19 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def representative_keys(k_blocks, scores, repr_topk: int):
-    """One key per query head for each new memory unit: the mean of the (unrotated) keys of the
+def representative_keys(k_blocks, scores, repr_topk: int, keep_each: bool = False):
+    """Representative keys per query head for each new memory unit, from the (unrotated) keys of the
     repr_topk tokens with the highest local score for that head. k_blocks [n, Hkv, B, D], scores
-    [n, Hq, B] -> [n, Hq * D] (heads concatenated, the layout the lookup dots with)."""
+    [n, Hq, B] -> [n, Hq * D]: their mean per head (the reference), heads concatenated, the layout the
+    lookup dots with; keep_each (repr_scoring=best): the keys themselves, [n, Hq * repr_topk * D] laid
+    out [Hq, repr_topk, D], for a lookup that takes each head's best of them."""
     n, Hq, B = scores.shape
     k = expand_kv(k_blocks.transpose(0, 1), Hq).transpose(0, 1)  # [n, Hq, B, D]
     # (a sort, not topk: on rows this short torch.topk takes 4x longer on a GPU)
     top = scores.argsort(dim=-1, descending=True, stable=True)[..., :repr_topk]  # [n, Hq, r]
     picked = torch.gather(k, 2, top[..., None].expand(-1, -1, -1, k.shape[-1]))
+    if keep_each:
+        return picked.reshape(n, -1)
     return picked.to(_acc(picked)).mean(dim=2).to(k_blocks.dtype).reshape(n, -1)
 
 
@@ -101,13 +105,35 @@ def from_fp8(bits, scale, dtype):
     return (bits.view(FP8).float() * scale[:, :, None, None]).to(dtype)
 
 
-def score_units(q_mem, reprs, real):
-    """Relevance of every unit to a piece: the piece's memory-position queries [Hq, T, D] averaged over
-    its real tokens (real [T]: False for padding), concatenated over heads, dotted with each
-    representative [n, Hq * D] -> [n]."""
+def score_units(q_mem, reprs, real, best_token=False, each_query=False, over_heads=None):
+    """Relevance of every unit to a piece -> [n]. q_mem [Hq, T, D]: the piece's queries at the memory
+    position; real [T]: False for padding; reprs [n, Hq * r * D]: each unit's r representative keys per
+    head, laid out [Hq, r, D] (r = 1: the reference's averaged key).
+    The reference (both False): the real queries averaged, concatenated over heads, dotted with reprs.
+    best_token (repr_scoring=best): per head the best of the unit's r keys, summed over heads.
+    each_query (lookup_queries=each): every real query scores the unit; it keeps its best query's score.
+    over_heads: applied to the scores summed over these heads, before the max over queries (tensor
+    parallel: adds the other processes' heads; a max over queries must come after the whole sum)."""
     acc = _acc(q_mem)
-    mean = (q_mem.to(acc) * real[:, None]).sum(dim=1) / real.sum().clamp(min=1)
-    return reprs.to(acc) @ mean.reshape(-1)
+    Hq, T, D = q_mem.shape
+    reprs = reprs.to(acc)
+    if not each_query or T == 1:  # one query (decoding): its own score is the mean's
+        mean = (q_mem.to(acc) * real[:, None]).sum(dim=1) / real.sum().clamp(min=1)  # [Hq, D]
+        if best_token:
+            keys = reprs.view(reprs.shape[0], Hq, -1, D)
+            scores = torch.einsum("nhrd,hd->nhr", keys, mean).amax(dim=2).sum(dim=1)
+        else:
+            scores = reprs @ mean.reshape(-1)
+        return scores if over_heads is None else over_heads(scores)
+    q = q_mem.to(acc)
+    if best_token:  # a head at a time: [n, r, T] each, not [n, Hq, r, T] (GBs at a million tokens)
+        keys = reprs.view(reprs.shape[0], Hq, -1, D)
+        scores = sum((keys[:, h] @ q[h].T).amax(dim=1) for h in range(Hq))  # [n, T]
+    else:
+        scores = reprs @ q.transpose(0, 1).reshape(T, Hq * D).T  # [n, T]
+    if over_heads is not None:
+        scores = over_heads(scores)
+    return scores.masked_fill(~real, float("-inf")).amax(dim=1)  # padding never wins
 
 
 def select_units(scores, topk: int):

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from infllm import ContextMemory, InfLLMConfig, MemoryUnits, make_caches, memory_stats
 from model import ModelArgs, random_model
 
-SMALL = InfLLMConfig(n_init=4, n_local=32, block_size=8, repr_topk=4, topk=2, max_cached_block=3,
-                     exc_block_size=8, chunk_size=24)
+SMALL_TEXT = "n_init=4,n_local=32,block_size=8,repr_topk=4,topk=2,max_cached_block=3,exc_block_size=8,chunk_size=24"
+SMALL = InfLLMConfig.parse(SMALL_TEXT)
 ARGS = ModelArgs(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
                  rope_base=10000.0, max_seq_len=64)
 
@@ -70,6 +70,22 @@ class DenseInfLLM:
             slots = c.n_init + 1 + c.topk * B + c.exc_block_size + B - 1
         return torch.tensor(pos), c.n_local - 1 + slots - 1
 
+    def relevance(self, u, q_mem):
+        """Unit u's score for a chunk's queries [Hq, T, D] at the memory position. lookup_queries: the
+        chunk's mean query ("mean") or each query, the best of them counting ("each"). repr_scoring: that
+        query concatenated over heads dotted with the unit's mean keys ("mean"), or per head the best of
+        its representative tokens' keys, summed over heads ("best")."""
+        c, Hq, D = self.cfg, q_mem.shape[0], q_mem.shape[2]
+        queries = [q_mem.mean(dim=1)] if c.lookup_queries == "mean" else [q_mem[:, t] for t in range(q_mem.shape[1])]
+        scores = []
+        for query in queries:  # [Hq, D]
+            if c.repr_scoring == "mean":
+                scores.append(float(query.reshape(-1) @ self.reprs[u]))
+            else:
+                keys = self.reprs[u].reshape(Hq, c.repr_topk, D)
+                scores.append(sum(max(float(query[h] @ key) for key in keys[h]) for h in range(Hq)))
+        return max(scores)
+
     def chunk(self, q, k, v):
         c = self.cfg
         Hq, T, D = q.shape
@@ -89,7 +105,7 @@ class DenseInfLLM:
             if len(self.reprs) <= c.topk:
                 selected = list(range(len(self.reprs)))
             else:
-                rel = torch.stack(self.reprs) @ q_mem.mean(dim=1).reshape(-1)
+                rel = torch.tensor([self.relevance(u, q_mem) for u in range(len(self.reprs))], dtype=torch.float64)
                 selected = sorted(rel.topk(c.topk).indices.tolist())
             self.selections.append(selected)
 
@@ -136,10 +152,10 @@ class DenseInfLLM:
                 for i in idx.tolist():
                     self.state[i] = "gone"
                 continue
-            parts = []
+            parts = []  # per query head: the mean key of its top tokens, or (repr_scoring=best) their keys
             for h in range(self.score.shape[0]):
                 top = idx[self.score[h, idx].topk(c.repr_topk).indices]
-                parts.append(self.K[h // G, top].mean(dim=0))
+                parts.append(self.K[h // G, top].mean(dim=0) if c.repr_scoring == "mean" else self.K[h // G, top].reshape(-1))
             for i in idx.tolist():
                 self.state[i] = len(self.reprs)
             self.reprs.append(torch.cat(parts))
@@ -238,6 +254,98 @@ def test_ordered_memory_positions_match_dense_oracle(model64, attention, kernel,
     if attention == "infllm":
         assert [c.trace for c in caches] == [o.selections for o in oracles]
         assert any(len(s) == cfg.topk for o in oracles for s in o.selections)
+
+
+LOOKUP_OPTIONS = ["repr_scoring=best", "lookup_queries=each", "repr_scoring=best,lookup_queries=each",
+                  "repr_scoring=best,lookup_queries=each,memory_positions=ordered,unit_dtype=fp8"]
+
+
+@pytest.mark.parametrize("options", LOOKUP_OPTIONS, ids=lambda o: o.replace(",", "+"))
+@pytest.mark.parametrize("attention, kernel, pieces", [("infllm", "plain", False), ("infllm", "blocked", False),
+                                                       ("infllm", "flex", False), ("infllm", "blocked", True),
+                                                       ("stream", "blocked", True)])
+def test_lookup_options_match_dense_oracle(model64, options, attention, kernel, pieces):
+    """repr_scoring=best (a unit scored per head by its best representative token) and lookup_queries=each
+    (a unit scored by its best query of the piece), alone, together and with the other options, against
+    the float64 oracle, unpadded or in the padded pieces CUDA graphs replay: outputs, selections and the
+    stored representative keys. The same input with the lookup of the reference (the other settings kept)
+    selects other units somewhere, or the options would be tested doing nothing. StreamingLLM has no
+    units: the options change nothing there."""
+    from generate import FixedShapes
+    cfg = InfLLMConfig.parse(SMALL_TEXT + "," + options)
+    ref_cfg = dataclasses.replace(cfg, repr_scoring="mean", lookup_queries="mean")
+    prompt, dec = tokens(150, 60), tokens(16, 61)
+    caches, ref_caches = make_caches(model64, attention, cfg, kernel=kernel), make_caches(model64, attention, ref_cfg, kernel=kernel)
+    oracles = [DenseInfLLM(cfg, model64.rope.inv_freq, stream=attention == "stream") for _ in caches]
+    for c in caches + ref_caches:
+        c.trace = []
+    forward = (lambda cs: FixedShapes(model64, cs, graphs=False)) if pieces else (lambda cs: None)
+    ours = run(model64, caches, prompt, cfg.chunk_size, dec, forward=forward(caches))
+    ref = run(model64, oracles, prompt, cfg.chunk_size, dec)
+    reference_lookup = run(model64, ref_caches, prompt, cfg.chunk_size, dec, forward=forward(ref_caches))
+    assert (ours - ref).abs().max() < (1e-6 if kernel == "flex" else 1e-9)
+    if attention == "stream":
+        assert torch.equal(ours, reference_lookup)
+        return
+    exact = kernel != "flex"
+    for c, o in zip(caches, oracles):
+        assert c.trace == o.selections and c.units.count == len(o.reprs)
+        assert torch.allclose(c.units.reprs[:c.units.count], torch.stack(o.reprs), atol=1e-12 if exact else 1e-6)
+    assert any(len(s) == cfg.topk and len(o.reprs) > cfg.topk for o in oracles for s in o.selections)
+    assert [c.trace for c in caches] != [c.trace for c in ref_caches], "the option must change some lookup"
+
+
+def test_lookup_options_score_units_as_written():
+    """kernels.score_units against its definition, loop by loop, on random units and a piece with padding:
+    repr_scoring=best is a sum over heads of each head's best key, lookup_queries=each the best real query;
+    one query (decoding) scores as the mean does, bit for bit; and scores split over two halves of the heads
+    (tensor parallel), added by over_heads before the max over queries, are those of all heads at once."""
+    import kernels
+    g = torch.Generator().manual_seed(5)
+    Hq, T, D, r, n, real_n = 4, 6, 8, 3, 7, 4
+    q = torch.randn(Hq, T, D, generator=g, dtype=torch.float64)
+    keys = torch.randn(n, Hq, r, D, generator=g, dtype=torch.float64)
+    real = torch.arange(T) < real_n
+    q[:, real_n:] = 1e3  # padding that would win if it counted
+    mean_keys = keys.mean(dim=2).reshape(n, -1)
+    for best in (False, True):
+        reprs = keys.reshape(n, -1) if best else mean_keys
+        for each in (False, True):
+            queries = [q[:, t] for t in range(real_n)] if each else [q[:, :real_n].mean(dim=1)]
+            want = torch.tensor([max(sum(max(float(x[h] @ k) for k in keys[u, h]) for h in range(Hq)) if best
+                                     else float(x.reshape(-1) @ mean_keys[u]) for x in queries) for u in range(n)],
+                                dtype=torch.float64)
+            got = kernels.score_units(q, reprs, real, best_token=best, each_query=each)
+            assert torch.allclose(got, want, atol=1e-12), (best, each)
+            # Two processes' shares of the heads: B's partial sums arrive through over_heads.
+            half = lambda x: (x[:Hq // 2], x[Hq // 2:])  # noqa: E731
+            (qa, qb), (ka, kb) = half(q), half(keys.transpose(0, 1))
+            shares = [k.transpose(0, 1).reshape(n, -1) if best else k.transpose(0, 1).mean(dim=2).reshape(n, -1) for k in (ka, kb)]
+            partial = []
+            kernels.score_units(qb, shares[1], real, best, each, over_heads=lambda s: partial.append(s) or s)
+            split = kernels.score_units(qa, shares[0], real, best, each, over_heads=lambda s: s + partial[0])
+            assert torch.allclose(split, want, atol=1e-12), (best, each)
+        one = q[:, :1]
+        assert torch.equal(kernels.score_units(one, reprs, real[:1], best, each_query=True),
+                           kernels.score_units(one, reprs, real[:1], best, each_query=False))
+
+
+def test_snapshot_keeps_the_representative_keys_of_its_scoring(model64, tmp_path):
+    """A snapshot holds repr_scoring=best's repr_topk keys per head and loads them back; a cache of the
+    reference (one mean key per head) refuses it by their shape, whatever the header says (generate.py
+    also compares the settings: lookup_queries, which stores nothing, is refused there)."""
+    from infllm import SnapshotError, load_memory, save_memory
+    cfg = dataclasses.replace(SMALL, repr_scoring="best")
+    best = make_caches(model64, "infllm", cfg)
+    run(model64, best, tokens(100, 70), cfg.chunk_size, tokens(0, 71))
+    save_memory(tmp_path / "m.mem", best, {})
+    back = make_caches(model64, "infllm", cfg)
+    load_memory(tmp_path / "m.mem", back, {})
+    n = best[0].units.count
+    assert n > cfg.topk and torch.equal(back[0].units.reprs[:n], best[0].units.reprs[:n])
+    assert back[0].units.reprs.shape[1] == ARGS.n_heads * cfg.repr_topk * ARGS.head_dim
+    with pytest.raises(SnapshotError, match="reprs"):
+        load_memory(tmp_path / "m.mem", make_caches(model64, "infllm", SMALL), {})
 
 
 @pytest.mark.parametrize("kernel", ["plain", "blocked"])
@@ -345,6 +453,8 @@ def test_lru_evicts_the_least_recently_used():
     ("n_local=-5", "n_local"),
     ("topk=two", "integer"),
     ("frobnicate=3", "unknown"),
+    ("repr_scoring=bogus", "repr_scoring='bogus' must be one of mean, best"),
+    ("lookup_queries=all", "lookup_queries='all' must be one of mean, each"),
 ])
 def test_impossible_settings_are_refused(text, words):
     with pytest.raises(ValueError) as e:
@@ -402,15 +512,18 @@ def test_reset_starts_a_new_sequence_in_the_same_buffers(model64, attention):
     assert [c.ring_k.data_ptr() for c in reused] == buffers
 
 
-def test_compiled_chunk_step_equals_plain_path_on_cpu():
+@pytest.mark.parametrize("options", ["", ",repr_scoring=best,lookup_queries=each"])
+def test_compiled_chunk_step_equals_plain_path_on_cpu(options):
     """The GPU path's torch.compile'd chunk step (lookup, LRU, retirement and attention in one compiled
-    function) runs on the CPU too: same logits, selections and statistics as the specification."""
+    function) runs on the CPU too: same logits, selections and statistics as the specification, with the
+    reference lookup and with the lookup options."""
     model = random_model(ARGS, dtype=torch.float32, seed=3)
     prompt, dec = tokens(150, 30), tokens(12, 31)
-    plain, fast = make_caches(model, "infllm", SMALL, "plain"), make_caches(model, "infllm", SMALL, "compiled")
+    cfg = InfLLMConfig.parse(SMALL_TEXT + options)
+    plain, fast = make_caches(model, "infllm", cfg, "plain"), make_caches(model, "infllm", cfg, "compiled")
     for c in plain + fast:
         c.trace = []
-    a, b = run(model, plain, prompt, SMALL.chunk_size, dec), run(model, fast, prompt, SMALL.chunk_size, dec)
+    a, b = run(model, plain, prompt, cfg.chunk_size, dec), run(model, fast, prompt, cfg.chunk_size, dec)
     assert (a - b).abs().max() < 1e-4
     assert [c.trace for c in plain] == [c.trace for c in fast]
     assert memory_stats(plain) == memory_stats(fast) and memory_stats(fast)["misses"] > 0

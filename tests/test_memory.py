@@ -23,6 +23,7 @@ needs_ckpt = pytest.mark.skipif(not (CKPT / "model.safetensors").exists(),
 SMALL = "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=3,exc_block_size=32,chunk_size=96"
 DOC = " ".join(f"item{i} is {i * 7 % 13}." for i in range(90))  # several hundred tokens, not a multiple of 32
 QUESTIONS = ["\nWhat is item3?", "\nAnd item71 is"]
+LOOKUP = ",repr_scoring=best,lookup_queries=each"  # the lookup options: every representative key kept
 
 
 def reader(ckpt, attention="infllm", infllm=SMALL, **kw):
@@ -49,7 +50,7 @@ def cli(*args, stdin=None):
 
 
 @pytest.mark.parametrize("attention, infllm", [("infllm", SMALL), ("infllm", SMALL + ",unit_dtype=fp8"),
-                                               ("stream", SMALL), ("full", "")])
+                                               ("infllm", SMALL + LOOKUP), ("stream", SMALL), ("full", "")])
 def test_loaded_and_rewound_memory_answer_like_one_process(tiny_ckpt, tmp_path, attention, infllm):
     r = reader(tiny_ckpt, attention, infllm)
     r.read(DOC)
@@ -130,6 +131,8 @@ def _other_checkpoint(tiny_ckpt, tmp_path):
     ("other-dtype", "dtype"),
     ("other-attention", "attention"),
     ("other-settings", "settings"),
+    ("other-repr-scoring", "settings"),
+    ("other-lookup-queries", "settings"),
     ("truncated", "not a readable memory snapshot"),
     ("foreign", "not a memory snapshot"),
     ("garbage", "not a readable memory snapshot"),
@@ -149,7 +152,9 @@ def test_bad_snapshots_are_refused_and_left_untouched(tiny_ckpt, snapshot, tmp_p
     if case == "other-checkpoint":
         ckpt = _other_checkpoint(tiny_ckpt, tmp_path)
     extra = {"other-dtype": ["--dtype", "bf16"], "other-attention": ["--attention", "stream"],
-             "other-settings": ["--infllm", SMALL.replace("topk=2", "topk=3")]}.get(case, ["--infllm", SMALL])
+             "other-settings": ["--infllm", SMALL.replace("topk=2", "topk=3")],
+             "other-repr-scoring": ["--infllm", SMALL + ",repr_scoring=best"],
+             "other-lookup-queries": ["--infllm", SMALL + ",lookup_queries=each"]}.get(case, ["--infllm", SMALL])
     before = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
     prompt = [] if case == "no-question" else ["--prompt", "\nWhat is item3?"]
     r = cli("--ckpt", ckpt, "--device", "cpu", "--load-memory", path, *prompt, "--max-new-tokens", 2, *extra)
@@ -181,7 +186,7 @@ def _cache_bytes(caches):
 
 
 @pytest.mark.parametrize("attention, infllm", [("infllm", SMALL), ("infllm", SMALL + ",unit_dtype=fp8"),
-                                               ("stream", SMALL)])
+                                               ("infllm", SMALL + LOOKUP), ("stream", SMALL)])
 def test_memory_plan_counts_what_the_caches_take(tiny_ckpt, attention, infllm):
     r = reader(tiny_ckpt, attention, infllm)
     r.read(DOC, room=40)
