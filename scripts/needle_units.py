@@ -1,0 +1,118 @@
+"""Does the lookup find the needle? One prompt of scripts/niah.py, read by InfLLM; for every layer, the rank of
+the memory unit that holds the needle among the lookup's scores, when the prompt's last token looks up (its
+answer's first token comes from there) and at each decoding step after it.
+
+A failed retrieval has two possible causes, and they call for different fixes: the lookup never selects the
+needle's unit (the representative keys or the query miss it), or it does and the model still does not read the
+value out of memory (positions, the model's size). The ranks tell them apart.
+
+    python scripts/needle_units.py --ckpt checkpoints/smollm2-135m-instruct --haystack prose --length 16K \\
+        --depth 0.25 --digits 5 --steps 8
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from generate import DTYPES, decode, fast_kernel, load, pick_device, prefill  # noqa: E402
+from infllm import InfLLMConfig, make_caches  # noqa: E402
+from niah import HAYSTACKS, Parts, build_prompt, haystack, make_sample  # noqa: E402
+from sweep import UsageError, parse_length  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+
+def unit_of(position: int, cfg: InfLLMConfig) -> int | None:
+    """The memory unit a prompt token ends up in: tokens leave the window in order, the first n_init of them
+    go to init, and every block_size run after that becomes the next unit (INFLLM.md). None for init tokens."""
+    if position < cfg.n_init:
+        return None
+    return (position - cfg.n_init) // cfg.block_size
+
+
+def needle_units(start: int, n_tokens: int, cfg: InfLLMConfig) -> list[int]:
+    """The units that hold a needle of n_tokens tokens starting at `start` (one, or two when a cut splits it)."""
+    return sorted({u for p in range(start, start + n_tokens) if (u := unit_of(p, cfg)) is not None})
+
+
+def ranks(caches, units: list[int]) -> list[list[int | None]]:
+    """Per layer, the rank (1: best) of each of `units` among the last lookup's scores over the stored units;
+    None for a unit not stored yet (still in the window)."""
+    out = []
+    for c in caches:
+        m = c.units
+        n = m.count
+        scores = m.scores[:n].float().cpu()
+        out.append([int((scores > scores[u]).sum()) + 1 if u < n else None for u in units])
+    return out
+
+
+def trace(args) -> dict:
+    cfg = InfLLMConfig.parse(args.infllm)
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    tok = load_tokenizer(args.ckpt)
+    parts = Parts(tok)
+    s = make_sample(args.task, "words", "numbers", args.seed, 0, args.digits)
+    prompt = build_prompt(parts, haystack(args.haystack, parts), s, args.length, args.depth)
+    asked = prompt.needle_at[0]  # the asked needle is the first one (single and multikey)
+    units = needle_units(asked, len(parts.later(s.needles[0])), cfg)
+    model, _ = load(args.ckpt, device, dtype)
+    caches = make_caches(model, "infllm", cfg, kernel=fast_kernel(device, "infllm", compile_=False))
+    logits = prefill(model, caches, prompt.ids, cfg.chunk_size, room=args.steps + 1)
+    # on_token sees each new token before it is fed: the last lookup then is the one whose logits chose it
+    # (the prompt's last token for the first one).
+    steps = []
+    new = decode(model, caches, logits, args.steps + 1, on_token=lambda ids: steps.append(ranks(caches, units)))
+    return {"haystack": args.haystack, "length": len(prompt.ids), "depth": args.depth, "needle_at": asked,
+            "tokens_back": len(prompt.ids) - asked, "needle_units": units, "stored_units": caches[0].units.count,
+            "topk": cfg.topk, "answer": tok.decode(new), "expected": s.expected,
+            "ranks": steps}  # [step][layer][needle unit]
+
+
+def report(r: dict) -> str:
+    topk = r["topk"]
+    best = [[min((x for x in layer if x is not None), default=None) for layer in step] for step in r["ranks"]]
+    picked = [sum(x is not None and x <= topk for x in step) for step in best]
+    lines = [f"{r['haystack']} {r['length']} tokens, needle {r['tokens_back']} tokens back in unit(s) {r['needle_units']} "
+             f"of {r['stored_units']}; answer {r['answer']!r} (expected {', '.join(r['expected'])})",
+             "layers that selected the needle's unit (rank <= topk), at the last prompt token, then each decoding step: "
+             + " ".join(str(p) for p in picked) + f" of {len(best[0])}",
+             "its best rank per layer at the last prompt token: " + " ".join(str(x) for x in best[0])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--task", default="single", choices=["single", "multikey"])
+    p.add_argument("--haystack", default="prose", choices=list(HAYSTACKS))
+    p.add_argument("--length", default="16K")
+    p.add_argument("--depth", type=float, default=0.25)
+    p.add_argument("--digits", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=8, help="decoding steps to trace")
+    p.add_argument("--infllm", default="", metavar="KEY=VALUE,...")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        args.length = parse_length(args.length)
+        if not 0 <= args.depth <= 1:
+            raise UsageError(f"--depth must be between 0 and 1, not {args.depth}")
+        if not Path(args.ckpt).is_dir():
+            raise UsageError(f"checkpoint folder {args.ckpt} does not exist")
+        r = trace(args)
+    except (UsageError, ValueError) as e:
+        print(f"needle_units.py: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r) if args.json else report(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
