@@ -398,12 +398,16 @@ class Reader:
     def load(self, path):
         """Read a snapshot written by save (by this or another process) as the document."""
         meta = read_snapshot_header(path)
+        expect, saved, default = self.header(), json.loads(meta.get("settings", "{}")), vars(InfLLMConfig())
+        # A snapshot made before a setting existed lacks its key, and was made with that setting's default.
+        expect["settings"] = json.dumps({k: v for k, v in json.loads(expect["settings"]).items()
+                                         if k in saved or v != default[k]})
         n = int(meta.get("tokens", 0))
         self.check_memory(n + ROOM)
         for c in self.caches:
             c.reset()
             c.reserve(n + ROOM)  # at once, exactly: growing by a question later would copy it all
-        load_memory(path, self.caches, self.header())
+        load_memory(path, self.caches, expect)
         self.mark = [c.snapshot(storage=False) for c in self.caches]
 
     def check_memory(self, n_tokens):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from generate import Reader, UsageError
-from infllm import memory_plan
+from infllm import SnapshotError, memory_plan, read_snapshot_header
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "smollm2-135m-instruct"
@@ -163,6 +163,47 @@ def test_bad_snapshots_are_refused_and_left_untouched(tiny_ckpt, snapshot, tmp_p
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], r.stderr
     assert r.stdout == ""
     assert (hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None) == before
+
+
+def _with_settings(snapshot, path, change):
+    """A copy of snapshot whose header records the settings change(settings) gives. The header is the
+    safetensors one: 8 bytes of length (little-endian), then JSON whose "__metadata__" holds ours."""
+    data = snapshot.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    index = json.loads(data[8:8 + size])
+    index["__metadata__"]["settings"] = json.dumps(change(json.loads(index["__metadata__"]["settings"])))
+    head = json.dumps(index).encode()
+    head += b" " * (-len(head) % 8)  # the tensors' offsets count from the data, which stays 8-byte aligned
+    path.write_bytes(len(head).to_bytes(8, "little") + head + data[8 + size:])
+    return path
+
+
+def _old(settings):
+    """settings as a snapshot made before memory_positions, repr_scoring and lookup_queries records them."""
+    return {k: v for k, v in settings.items() if k not in ("memory_positions", "repr_scoring", "lookup_queries")}
+
+
+def test_a_snapshot_from_before_newer_settings_loads_as_their_defaults(tiny_ckpt, snapshot, tmp_path):
+    old = _with_settings(snapshot, tmp_path / "old.mem", _old)
+    assert "repr_scoring" not in read_snapshot_header(old)["settings"]
+    r = reader(tiny_ckpt)
+    r.load(old)
+    for q in QUESTIONS:
+        ref_logits, ref = one_process(tiny_ckpt, "infllm", SMALL, q)
+        assert torch.equal(ask_logits(r, q), ref_logits)
+        assert r.ask(q, 8) == ref
+
+
+@pytest.mark.parametrize("recorded, option", [
+    ("old", "repr_scoring=best"),  # no key: the default, mean, which this run does not use
+    ("old", "memory_positions=ordered"),
+    ("lookup_queries=each", ""),  # a recorded value still counts
+])
+def test_a_snapshot_with_other_settings_is_refused(tiny_ckpt, snapshot, tmp_path, recorded, option):
+    change = _old if recorded == "old" else lambda s: s | dict([recorded.split("=")])
+    path = _with_settings(snapshot, tmp_path / "doc.mem", change)
+    with pytest.raises(SnapshotError, match=r"^memory snapshot \S+ was made with settings '\{.*\}', this run has '\{.*\}'$"):
+        reader(tiny_ckpt, infllm=SMALL + "," + option).load(path)
 
 
 def test_a_larger_pool_loads_the_same_memory(tiny_ckpt, snapshot):

@@ -1,5 +1,6 @@
 """Tensor parallel with torch.distributed (gloo on CPU), launched by torchrun as a user would: the greedy
-tokens of 2 and 3 processes equal those of one process, for full attention and for InfLLM with evictions."""
+tokens of 2 and 3 processes equal those of one process, for full attention and for InfLLM with evictions
+(also with the lookup options repr_scoring=best, lookup_queries=each)."""
 import json
 import subprocess
 import sys
@@ -49,11 +50,18 @@ def tiny3_ckpt(tiny_ckpt, tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("n, which", [(2, "tiny"), (3, "tiny3")])
-@pytest.mark.parametrize("attention", ["infllm", "full"])
-def test_processes_generate_what_one_process_does(tiny_ckpt, tiny3_ckpt, capsys, n, which, attention):
+@pytest.mark.parametrize("attention, n, which, infllm", [
+    pytest.param("infllm", 2, "tiny", SMALL, id="infllm-2-tiny"),
+    pytest.param("infllm", 3, "tiny3", SMALL, id="infllm-3-tiny3"),
+    pytest.param("full", 2, "tiny", SMALL, id="full-2-tiny"),
+    pytest.param("full", 3, "tiny3", SMALL, id="full-3-tiny3"),
+    # The lookup options: each process sums its heads' scores, the all-reduce adds the other processes'
+    # before the max over queries (kernels.score_units, over_heads); a max first would select other units.
+    pytest.param("infllm", 2, "tiny", SMALL + ",repr_scoring=best,lookup_queries=each", id="infllm-best-each-2-tiny"),
+])
+def test_processes_generate_what_one_process_does(tiny_ckpt, tiny3_ckpt, capsys, n, which, attention, infllm):
     ckpt = {"tiny": tiny_ckpt, "tiny3": tiny3_ckpt}[which]
-    args = ["--ckpt", ckpt, "--prompt", PROMPT, "--device", "cpu", "--attention", attention, "--infllm", SMALL,
+    args = ["--ckpt", ckpt, "--prompt", PROMPT, "--device", "cpu", "--attention", attention, "--infllm", infllm,
             "--max-new-tokens", 8, "--json"]
     ref = one_process(capsys, *args)
     r = torchrun(n, *args)
