@@ -398,7 +398,11 @@ class Reader:
     def load(self, path):
         """Read a snapshot written by save (by this or another process) as the document."""
         meta = read_snapshot_header(path)
-        expect, saved, default = self.header(), json.loads(meta.get("settings", "{}")), vars(InfLLMConfig())
+        expect, default = self.header(), vars(InfLLMConfig())
+        try:
+            saved = json.loads(meta.get("settings", "{}"))
+        except json.JSONDecodeError:
+            saved = {}  # not ours to read: load_memory refuses its settings with its own sentence
         # A snapshot made before a setting existed lacks its key, and was made with that setting's default.
         expect["settings"] = json.dumps({k: v for k, v in json.loads(expect["settings"]).items()
                                          if k in saved or v != default[k]})

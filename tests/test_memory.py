@@ -166,12 +166,14 @@ def test_bad_snapshots_are_refused_and_left_untouched(tiny_ckpt, snapshot, tmp_p
 
 
 def _with_settings(snapshot, path, change):
-    """A copy of snapshot whose header records the settings change(settings) gives. The header is the
-    safetensors one: 8 bytes of length (little-endian), then JSON whose "__metadata__" holds ours."""
+    """A copy of snapshot whose header records the settings change(settings) gives (a dict, or the text
+    itself). The header is the safetensors one: 8 bytes of length (little-endian), then JSON whose
+    "__metadata__" holds ours."""
     data = snapshot.read_bytes()
     size = int.from_bytes(data[:8], "little")
     index = json.loads(data[8:8 + size])
-    index["__metadata__"]["settings"] = json.dumps(change(json.loads(index["__metadata__"]["settings"])))
+    settings = change(json.loads(index["__metadata__"]["settings"]))
+    index["__metadata__"]["settings"] = settings if isinstance(settings, str) else json.dumps(settings)
     head = json.dumps(index).encode()
     head += b" " * (-len(head) % 8)  # the tensors' offsets count from the data, which stays 8-byte aligned
     path.write_bytes(len(head).to_bytes(8, "little") + head + data[8 + size:])
@@ -204,6 +206,12 @@ def test_a_snapshot_with_other_settings_is_refused(tiny_ckpt, snapshot, tmp_path
     path = _with_settings(snapshot, tmp_path / "doc.mem", change)
     with pytest.raises(SnapshotError, match=r"^memory snapshot \S+ was made with settings '\{.*\}', this run has '\{.*\}'$"):
         reader(tiny_ckpt, infllm=SMALL + "," + option).load(path)
+
+
+def test_a_snapshot_with_unreadable_settings_is_refused(tiny_ckpt, snapshot, tmp_path):
+    path = _with_settings(snapshot, tmp_path / "bad.mem", lambda s: "not json {")
+    with pytest.raises(SnapshotError, match=r"was made with settings 'not json \{', this run has"):
+        reader(tiny_ckpt).load(path)
 
 
 def test_a_larger_pool_loads_the_same_memory(tiny_ckpt, snapshot):
