@@ -4,7 +4,8 @@ answer's first token comes from there) and at each decoding step after it.
 
 A failed retrieval has two possible causes, and they call for different fixes: the lookup never selects the
 needle's unit (the representative keys or the query miss it), or it does and the model still does not read the
-value out of memory (positions, the model's size). The ranks tell them apart.
+value out of memory (positions, the model's size). The ranks tell them apart. Each query head's own ranks tell
+whether a selection per head would find what the one selection per layer (scores summed over heads) misses.
 
     python scripts/needle_units.py --ckpt checkpoints/smollm2-135m-instruct --haystack prose --length 16K \\
         --depth 0.25 --digits 5 --steps 8
@@ -13,6 +14,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -50,6 +53,25 @@ def ranks(caches, units: list[int]) -> list[list[int | None]]:
     return out
 
 
+def head_scores(units) -> torch.Tensor:
+    """Each query head's own share of the last single-token lookup's scores [n, Hq] (their sum over heads is
+    the lookup's score): what a selection per head, rather than one per layer, would rank units by."""
+    q = units.queries[:, 0].double()  # [Hq, D]: one token's lookup
+    n, (Hq, D) = units.count, q.shape
+    keys = units.reprs[:n].double().view(n, Hq, -1, D)  # [n, Hq, r, D]
+    return torch.einsum("nhrd,hd->nhr", keys, q).amax(dim=2)  # r = 1 (mean) or each key's best (best)
+
+
+def head_ranks(caches, units: list[int]) -> list[list[int | None]]:
+    """Per layer and query head, the best rank (1: best) of `units` by that head's score alone."""
+    out = []
+    for c in caches:
+        s = head_scores(c.units)  # [n, Hq]
+        stored = [u for u in units if u < s.shape[0]]
+        out.append([min((int((s[:, h] > s[u, h]).sum()) + 1 for u in stored), default=None) for h in range(s.shape[1])])
+    return out
+
+
 def trace(args) -> dict:
     cfg = InfLLMConfig.parse(args.infllm)
     device = pick_device(args.device)
@@ -65,12 +87,18 @@ def trace(args) -> dict:
     logits = prefill(model, caches, prompt.ids, cfg.chunk_size, room=args.steps + 1)
     # on_token sees each new token before it is fed: the last lookup then is the one whose logits chose it
     # (the prompt's last token for the first one).
-    steps = []
-    new = decode(model, caches, logits, args.steps + 1, on_token=lambda ids: steps.append(ranks(caches, units)))
+    steps, heads = [], []
+
+    def look(ids):
+        steps.append(ranks(caches, units))
+        heads.append(head_ranks(caches, units))
+
+    new = decode(model, caches, logits, args.steps + 1, on_token=look)
     return {"haystack": args.haystack, "length": len(prompt.ids), "depth": args.depth, "needle_at": asked,
             "tokens_back": len(prompt.ids) - asked, "needle_units": units, "stored_units": caches[0].units.count,
             "topk": cfg.topk, "answer": tok.decode(new), "expected": s.expected,
-            "ranks": steps}  # [step][layer][needle unit]
+            "ranks": steps,  # [step][layer][needle unit]
+            "head_ranks": heads}  # [step][layer][query head]: the best needle unit's rank by that head alone
 
 
 def report(r: dict) -> str:
@@ -82,6 +110,11 @@ def report(r: dict) -> str:
              "layers that selected the needle's unit (rank <= topk), at the last prompt token, then each decoding step: "
              + " ".join(str(p) for p in picked) + f" of {len(best[0])}",
              "its best rank per layer at the last prompt token: " + " ".join(str(x) for x in best[0])]
+    if r.get("head_ranks"):
+        per_head = [[x is not None and x <= topk for layer in step for x in layer] for step in r["head_ranks"]]
+        lines.append("query heads whose own scores put it in their topk, at the last prompt token, then each decoding "
+                     f"step: {' '.join(str(sum(h)) for h in per_head)} of {len(per_head[0])}; layers with at least one "
+                     f"such head: {' '.join(str(sum(any(x is not None and x <= topk for x in layer) for layer in step)) for step in r['head_ranks'])}")
     return "\n".join(lines)
 
 

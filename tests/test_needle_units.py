@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from needle_units import main, needle_units, ranks, unit_of  # noqa: E402
+from needle_units import head_scores, main, needle_units, ranks, unit_of  # noqa: E402
 from test_infllm import SMALL, DenseInfLLM, model64, run, tokens  # noqa: E402,F401
 
 from infllm import make_caches  # noqa: E402
@@ -38,6 +38,19 @@ def test_units_and_ranks_agree_with_the_oracle(model64, kernel):  # noqa: F811
         assert sorted(u for u, r in enumerate(layer) if r <= SMALL.topk) == oracle.selections[-1]
 
 
+@pytest.mark.parametrize("scoring", ["mean", "best"])
+def test_head_scores_add_up_to_the_lookup(model64, scoring):  # noqa: F811
+    """Each head's share, summed over heads, is the score the last (one-token) lookup ranked units by."""
+    import dataclasses
+    cfg = dataclasses.replace(SMALL, repr_scoring=scoring)
+    caches = make_caches(model64, "infllm", cfg)
+    run(model64, caches, tokens(150, 7), cfg.chunk_size, tokens(2, 8))
+    for c in caches:
+        n = c.units.count
+        assert n > cfg.topk
+        torch.testing.assert_close(head_scores(c.units).sum(dim=1), c.units.scores[:n].double())
+
+
 def test_needle_split_by_a_cut_is_in_two_units():
     c = SMALL  # n_init 4, block 8: units start at 4, 12, 20, ...
     assert needle_units(10, 4, c) == [0, 1]
@@ -55,7 +68,9 @@ def test_cli_traces_a_short_prompt(capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["needle_units"] and len(r["ranks"]) == 3  # the prompt's last token, then 2 decoding steps
     assert all(len(step) == 30 for step in r["ranks"])
-    assert all(1 <= x <= r["stored_units"] for step in r["ranks"] for layer in step for x in layer if x is not None)
+    for key in ("ranks", "head_ranks"):
+        assert all(1 <= x <= r["stored_units"] for step in r[key] for layer in step for x in layer if x is not None)
+    assert all(len(layer) == 9 for step in r["head_ranks"] for layer in step)  # SmolLM2's query heads
 
 
 def test_cli_refuses_a_bad_depth(capsys, tmp_path):
