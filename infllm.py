@@ -187,7 +187,7 @@ class MemoryUnits:
         self.host_k = self.host_v = self._host(0)
         # The representative keys, per unit [Hq, r, D] flattened: r = 1 (their mean), or repr_topk (best).
         self.reprs = torch.empty(0, n_heads * repr_keys(cfg) * head_dim, device=device, dtype=dtype)
-        self.queries = self.scores = None  # the last lookup's queries [Hq, T, D] and score of every unit [n]
+        self.last = None  # set to a dict to keep the last lookup's queries and scores (scripts/needle_units.py)
         self.unit_slot = torch.empty(0, dtype=torch.long, device=device)  # unit -> slot, -1: not cached
         S = cfg.max_cached_block
         self.pool_k = torch.zeros(S + 1, *self.block, device=device, dtype=self.store)  # slot S: scratch
@@ -291,7 +291,8 @@ class MemoryUnits:
         scores = kernels.score_units(q_mem, self.reprs, real, best_token=self.cfg.repr_scoring == "best",
                                      each_query=self.cfg.lookup_queries == "each",
                                      over_heads=sum_scores_over_processes if self.parallel else None)
-        self.queries, self.scores = q_mem, scores  # the last lookup's, for inspection (scripts/needle_units.py)
+        if self.last is not None:
+            self.last.update(queries=q_mem, scores=scores)  # [Hq, T, D], [n]
         stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
         units = kernels.select_units(scores.masked_fill(~stored, float("-inf")), self.cfg.topk)
         valid = (units < self.n) & real.any()  # ascending: the stored units come first

@@ -48,7 +48,7 @@ def ranks(caches, units: list[int]) -> list[list[int | None]]:
     for c in caches:
         m = c.units
         n = m.count
-        scores = m.scores[:n].float().cpu()
+        scores = m.last["scores"][:n].float().cpu()
         out.append([int((scores > scores[u]).sum()) + 1 if u < n else None for u in units])
     return out
 
@@ -56,7 +56,7 @@ def ranks(caches, units: list[int]) -> list[list[int | None]]:
 def head_scores(units) -> torch.Tensor:
     """Each query head's own share of the last single-token lookup's scores [n, Hq] (their sum over heads is
     the lookup's score): what a selection per head, rather than one per layer, would rank units by."""
-    q = units.queries[:, 0].double()  # [Hq, D]: one token's lookup
+    q = units.last["queries"][:, 0].double()  # [Hq, D]: one token's lookup
     n, (Hq, D) = units.count, q.shape
     keys = units.reprs[:n].double().view(n, Hq, -1, D)  # [n, Hq, r, D]
     return torch.einsum("nhrd,hd->nhr", keys, q).amax(dim=2)  # r = 1 (mean) or each key's best (best)
@@ -84,6 +84,8 @@ def trace(args) -> dict:
     units = needle_units(asked, len(parts.later(s.needles[0])), cfg)
     model, _ = load(args.ckpt, device, dtype)
     caches = make_caches(model, "infllm", cfg, kernel=fast_kernel(device, "infllm", compile_=False))
+    for c in caches:
+        c.units.last = {}  # keep each lookup's queries and scores
     logits = prefill(model, caches, prompt.ids, cfg.chunk_size, room=args.steps + 1)
     # on_token sees each new token before it is fed: the last lookup then is the one whose logits chose it
     # (the prompt's last token for the first one).

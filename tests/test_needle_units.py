@@ -20,6 +20,8 @@ from infllm import make_caches  # noqa: E402
 def test_units_and_ranks_agree_with_the_oracle(model64, kernel):  # noqa: F811
     prompt, dec = tokens(150, 5), tokens(5, 6)
     caches = make_caches(model64, "infllm", SMALL, kernel=kernel)
+    for c in caches:
+        c.units.last = {}
     oracles = [DenseInfLLM(SMALL, model64.rope.inv_freq) for _ in caches]
     run(model64, caches, prompt, SMALL.chunk_size, dec)
     run(model64, oracles, prompt, SMALL.chunk_size, dec)
@@ -44,11 +46,13 @@ def test_head_scores_add_up_to_the_lookup(model64, scoring):  # noqa: F811
     import dataclasses
     cfg = dataclasses.replace(SMALL, repr_scoring=scoring)
     caches = make_caches(model64, "infllm", cfg)
+    for c in caches:
+        c.units.last = {}
     run(model64, caches, tokens(150, 7), cfg.chunk_size, tokens(2, 8))
     for c in caches:
         n = c.units.count
         assert n > cfg.topk
-        torch.testing.assert_close(head_scores(c.units).sum(dim=1), c.units.scores[:n].double())
+        torch.testing.assert_close(head_scores(c.units).sum(dim=1), c.units.last["scores"][:n].double())
 
 
 def test_needle_split_by_a_cut_is_in_two_units():
