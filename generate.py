@@ -13,6 +13,7 @@ import time
 STARTED = time.time()  # the process's start, near enough: before torch is imported
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -77,39 +78,61 @@ class FixedShapes:
     nothing else a forward does depends on the prompt, so with graphs (on a GPU) each kind runs as usual
     the first time it comes (torch.compile's warm-up, if any) and is captured in a CUDA graph right after;
     from then on it is replayed: one launch for the whole model, no Python per layer, the lookup and the
-    cache update included. Two captures serve every prompt of any length; only a prompt longer than the
+    cache update included. A few captures serve every prompt of any length; only a prompt longer than the
     unit storage was reserved for moves the storage and re-captures.
 
     A prefill chunk thus runs piece by piece through all layers, where the reference runs each layer over
     the whole chunk before the next: the same arithmetic in another order (a layer's piece depends only
     on the layer below for the same and earlier pieces, and on its own cache of earlier pieces), so the
-    outputs are the same; only the linear layers see 512 rows at a time instead of 8192. A graph of one
-    piece is captured in a sixteenth of the time a chunk's takes, which a user waits for on every run."""
+    outputs are the same; only the linear layers see 512 rows at a time instead of 8192.
 
-    def __init__(self, model, caches, graphs=True):
+    That dependency allows more: a long prompt runs as a wavefront. Step s runs layer l on piece s - l, for
+    every layer at once (each on a CUDA stream of its own, one graph for the step), so a small model's few
+    hundred small kernels per layer and piece run side by side instead of one after another: K pieces take
+    K + n_layers - 1 steps, the layers not yet reached (or already done) running pieces without a real token,
+    which change nothing (see ContextMemory.attend)."""
+
+    def __init__(self, model, caches, graphs=True, wavefront=None):
         if not all(isinstance(c, ContextMemory) for c in caches):
             raise UsageError("CUDA graphs need the InfLLM or stream caches (full attention grows its cache)")
         self.model, self.caches, self.use_graphs = model, caches, graphs
         self.piece = caches[0].cfg.exc_block_size
+        # From how many pieces a call runs as a wavefront (its n_layers - 1 extra steps must pay). Not under
+        # tensor parallel: every process must run its all-reduces in one order, and the streams' is free.
+        self.wavefront = wavefront if wavefront is not None else (len(caches) if model.args.tp_size == 1 else 0)
         self.graphs, self.version, self.captures = {}, None, 0
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.wave = None  # its buffers: each layer's input and output piece and real tokens; streams
 
-    def __call__(self, tokens, last_only=False):
-        T, s, outs = tokens.shape[1], 0, []
+    def __call__(self, tokens, last_only=False, progress=None):
+        T, P = tokens.shape[1], self.piece
+        for c in self.caches:  # the storage for the whole call at once: it must not move mid-wave
+            c.reserve(c.pos + T)
+        if self.wavefront and T > P and -(-T // P) >= self.wavefront:
+            return self._wavefront(tokens, last_only, progress)
+        s, outs = 0, []
         while s < T:
-            L = 1 if T - s == 1 else self.piece
+            L = 1 if T - s == 1 else P
             n = min(L, T - s)
-            out = self._run(tokens[:, s:s + n], L, last_only)
+            out = self._replay((L, last_only), tokens[:, s:s + n], L, functools.partial(self._forward, last_only))
             outs.append(out if last_only else out[:, :n].clone())  # a replay overwrites its output
+            self._advance(n, progress)
             s += n
         return outs[-1] if last_only else torch.cat(outs, dim=1)
 
-    def _run(self, tokens, L, last_only):
-        """One forward of L tokens, the first n of them real."""
-        n = tokens.shape[1]
+    def _forward(self, last_only, tokens, n):
+        return self.model(tokens, self.caches, last_only=last_only, n_valid=n)
+
+    def _advance(self, n, progress):
         for c in self.caches:
-            c.reserve(c.pos + n)
-        key = (L, last_only)
+            c.pos += n
+        if progress is not None:
+            progress.update(n)
+
+    def _replay(self, key, tokens, L, forward):
+        """forward(tokens padded to L, n) -> output, the first n = len(tokens) real: run as it is the first
+        time (and captured), replayed from its CUDA graph after that."""
+        n = tokens.shape[1]
         version = tuple(c.units.version for c in self.caches if c.use_units)
         if version != self.version:  # storage moved: the graphs point at the old buffers
             self.graphs, self.version = {}, version
@@ -119,19 +142,59 @@ class FixedShapes:
             static_in[:, :n].copy_(tokens)
             static_n.fill_(n)
             graph.replay()
-            out = static_out
-        else:
-            static_in = F.pad(tokens, (0, L - n))
-            static_n = torch.full((), n, dtype=torch.long, device=tokens.device)
-            out = self.model(static_in, self.caches, last_only=last_only, n_valid=static_n)
-            if self.use_graphs:  # recording runs no kernel: the device state stays that of the run above
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    static_out = self.model(static_in, self.caches, last_only=last_only, n_valid=static_n)
-                self.graphs[key] = (graph, static_in, static_n, static_out)
-                self.captures += 1
-        for c in self.caches:
-            c.pos += n
+            return static_out
+        static_in = F.pad(tokens, (0, L - n))
+        static_n = torch.full((), n, dtype=torch.long, device=tokens.device)
+        out = forward(static_in, static_n)
+        if self.use_graphs:  # recording runs no kernel: the device state stays that of the run above
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = forward(static_in, static_n)
+            self.graphs[key] = (graph, static_in, static_n, static_out)
+            self.captures += 1
+        return out
+
+    def _wavefront(self, tokens, last_only, progress):
+        T, P, n_layers = tokens.shape[1], self.piece, len(self.caches)
+        K = -(-T // P)
+        if self.wave is None:
+            m = self.model
+            x = m.embed_tokens.weight.new_zeros(n_layers, P, m.args.dim)
+            dev = x.device
+            streams = [torch.cuda.Stream(dev) for _ in range(n_layers)] if dev.type == "cuda" else None
+            self.wave = (x, torch.zeros_like(x), torch.zeros(n_layers, dtype=torch.long, device=dev), streams)
+        outs = []
+        for s in range(K + n_layers - 1):  # piece s enters at the bottom; piece s - n_layers + 1 leaves at the top
+            piece = tokens[:, s * P:(s + 1) * P]  # empty past the last piece: nothing real enters
+            out = self._replay(("wave", last_only), piece, P, functools.partial(self._wave_step, last_only))
+            if progress is not None:
+                progress.update(piece.shape[1])
+            done = s - n_layers + 1
+            if done >= 0 and not last_only:
+                outs.append(out[:, :min(P, T - done * P)].clone())
+        self._advance(T, None)
+        return out if last_only else torch.cat(outs, dim=1)
+
+    def _wave_step(self, last_only, tokens, n):
+        """One step of the wavefront: every layer runs the piece waiting at its input, side by side; then
+        each piece moves up a layer. Returns the logits of the piece that left the top layer."""
+        m, (x, y, held, streams) = self.model, self.wave
+        x[0].copy_(m.embed_tokens(tokens)[0])
+        held[0].copy_(n)
+        main = torch.cuda.current_stream() if streams else None
+        for i, (layer, cache) in enumerate(zip(m.layers, self.caches)):
+            if streams:
+                streams[i].wait_stream(main)
+            with torch.cuda.stream(streams[i]) if streams else contextlib.nullcontext():
+                y[i].copy_(layer(x[i][None], cache, held[i])[0])
+        for s in streams or ():
+            main.wait_stream(s)
+        top = y[-1][None]
+        if last_only:
+            top = top.index_select(1, (held[-1] - 1).clamp(min=0).view(1))
+        out = m.logits(top)
+        x[1:].copy_(y[:-1])
+        held[1:].copy_(held[:-1].clone())
         return out
 
 
@@ -171,10 +234,11 @@ def fast_kernel(device, attention="infllm", compile_=True) -> str:
     return "flex" if gpu and attention == "infllm" else "compiled"
 
 
-def forward_fn(model, caches, graphs=False):
-    """The model's forward over caches: plain, or in fixed shapes replayed from CUDA graphs."""
+def forward_fn(model, caches, graphs=False, wavefront=None):
+    """The model's forward over caches: plain, or in fixed shapes replayed from CUDA graphs (wavefront:
+    see FixedShapes)."""
     if graphs:
-        return FixedShapes(model, caches)
+        return FixedShapes(model, caches, wavefront=wavefront)
     return lambda tokens, last_only=False: model(tokens, caches, last_only=last_only)
 
 
@@ -190,11 +254,15 @@ def prefill(model, caches, ids: list[int], chunk_size: int, progress=None, forwa
     for c in caches:
         if hasattr(c, "reserve"):
             c.reserve(c.pos + len(ids) + room)
-    for s in range(0, len(ids) - 1, chunk_size):
-        e = min(s + chunk_size, len(ids) - 1)
-        forward(tokens[:, s:e], last_only=True)
-        if progress is not None:
-            progress.update(e - s)
+    if isinstance(forward, FixedShapes):  # pieces, not chunks: all of them in one call (one wavefront)
+        if len(ids) > 1:
+                forward(tokens[:, :-1], last_only=True, progress=progress)
+    else:
+        for s in range(0, len(ids) - 1, chunk_size):
+            e = min(s + chunk_size, len(ids) - 1)
+            forward(tokens[:, s:e], last_only=True)
+            if progress is not None:
+                progress.update(e - s)
     logits = forward(tokens[:, -1:])[0, -1]
     if progress is not None:
         progress.update(1)

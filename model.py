@@ -229,6 +229,10 @@ class Transformer(nn.Module):
             x = layer(x, cache, n_valid)
         if last_only:
             x = x[:, -1:] if n_valid is None else x.index_select(1, n_valid.view(1) - 1)
+        return self.logits(x)
+
+    def logits(self, x):
+        """The last layer's output -> logits, in fp32."""
         return self.lm_head(self.norm(x)).float()
 
     def compile_blocks(self):

@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--infllm", default="", help="InfLLM settings key=value,...")
     p.add_argument("--kernel", choices=list(CHUNK_ATTENTION), default="blocked")
     p.add_argument("--graphs", action="store_true", help="replay the forward from CUDA graphs (GPU, infllm/stream)")
+    p.add_argument("--wavefront", type=int, default=None, metavar="N",
+                   help="with --graphs: run prompts of N pieces or more as a wavefront over the layers (0: never; default: FixedShapes')")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: chunk_size of the InfLLM settings)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--profile", action="store_true", help="also print where one prefill spends its time")
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     rows = []
     for n in lengths:
         caches = forward = None  # before the next length's storage is allocated
-        caches, forward = setup(model, args.attention, cfg, args.kernel, args.graphs)
+        caches, forward = setup(model, args.attention, cfg, args.kernel, args.graphs, args.wavefront)
         runs = [measure(model, caches, forward, args.chunk or cfg.chunk_size, n, args.decode, device, seed=r) for r in range(args.repeats)]
         med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
         row = {"shape": args.shape, "attention": args.attention, "length": n, "repeats": args.repeats,
@@ -133,6 +135,7 @@ def main(argv=None) -> int:
                "peak_rss_gib": peak_rss_gib(), "hit_rate": med("hit_rate"),
                # the first prompt as a user meets it: compilation and graph capture included
                "first_prefill_s": round(runs[0]["prefill_s"], 3), "first_since_start_s": round(runs[0]["since_start_s"], 3),
+               "wavefront": getattr(forward, "wavefront", None),
                "compile_cache": str(cache) + (" (cold)" if args.cold else ""),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype)}
         rows.append(row)
@@ -160,12 +163,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def setup(model, attention, cfg, kernel, graphs):
+def setup(model, attention, cfg, kernel, graphs, wavefront=None):
     """Caches kept over the repeats (reset between them), so CUDA graphs captured in one are replayed
     in the next, as they are for every prompt after the first in a long-running process."""
     gc.collect()  # whatever of the last length's caches only cycles still hold: free before allocating anew
     caches = make_caches(model, attention, cfg, kernel)
-    return caches, forward_fn(model, caches, graphs=graphs)
+    return caches, forward_fn(model, caches, graphs=graphs, wavefront=wavefront)
 
 
 def profile(model, caches, forward, chunk, length, device):

@@ -67,16 +67,18 @@ def test_bf16_fast_path_close_to_fp32_plain():
     assert (a - b).abs().max() < 0.1 * a.abs().max()
 
 
+@pytest.mark.parametrize("wavefront", [0, 1])
 @pytest.mark.parametrize("attention, kernel", [("infllm", "fused"), ("infllm", "compiled"), ("infllm", "flex"),
                                                ("stream", "fused"), ("stream", "compiled")])
-def test_cuda_graphs_replay_the_same_forward(attention, kernel):
+def test_cuda_graphs_replay_the_same_forward(attention, kernel, wavefront):
     """Forwards replayed from CUDA graphs give the logits, selections and statistics of running them, over
-    prompts of three lengths in the same caches (reset between them); the two kinds of forward (a padded
-    piece, a token) are captured on the first prompt and never again, compiled or eager."""
-    from generate import forward_fn
+    prompts of three lengths in the same caches (reset between them); the kinds of forward (a padded
+    piece, a token; a wavefront step, its layers on streams of their own) are captured on the first prompt
+    and never again, compiled or eager."""
+    from generate import FixedShapes, forward_fn
     model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
     eager, graphed = make_caches(model, attention, SMALL, kernel), make_caches(model, attention, SMALL, kernel)
-    graphs = forward_fn(model, graphed, graphs=True)
+    graphs = FixedShapes(model, graphed, wavefront=wavefront)
     for c in graphed:
         c.reserve(420)  # the longest prompt: the storage never moves
     captures = []
@@ -95,7 +97,31 @@ def test_cuda_graphs_replay_the_same_forward(attention, kernel):
         assert memory_stats(eager) == memory_stats(graphed)
         assert [c.pos for c in eager] == [c.pos for c in graphed] == [n] * len(eager)
         captures.append(graphs.captures)
-    assert captures == [2, 2, 2]  # a padded piece, a token
+    assert captures == [2, 2, 2]  # a padded piece (or a wavefront step: every chunk has 2 pieces or more), a token
+
+
+@pytest.mark.parametrize("kernel", ["fused", "flex"])
+def test_wavefront_on_streams_equals_pieces_in_order(kernel):
+    """A prompt of 40 pieces through 6 layers as a wavefront, replayed from one CUDA graph whose layers run
+    on streams of their own, unit loads and write-backs on each layer's side stream: the logits after the
+    prompt, the greedy tokens after it, the selections and statistics of the pieces in order."""
+    from generate import FixedShapes, decode, prefill
+    args = ModelArgs(vocab_size=211, dim=128, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=256)
+    model = random_model(args, device="cpu", dtype=torch.float32, seed=1).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, args.vocab_size, (16 * 40 + 7,)).tolist()
+    runs = []
+    for wavefront in (0, 6):
+        caches = make_caches(model, "infllm", SMALL, kernel)
+        fixed = FixedShapes(model, caches, wavefront=wavefront)
+        for rep in range(2):  # the first run captures the graphs, the second replays them
+            for c in caches:
+                c.reset()
+            logits = prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=8)
+            new = decode(model, caches, logits, 8, forward=fixed)
+        runs.append((logits, new, memory_stats(caches)))
+    (a, new_a, stats_a), (b, new_b, stats_b) = runs
+    assert (a - b).abs().max() < 1e-2 * a.abs().max() and new_a == new_b and stats_a == stats_b
+    assert stats_a["misses"] > 0
 
 
 def test_pinned_storage_is_mapped_for_the_gpu():

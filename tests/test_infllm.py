@@ -469,11 +469,12 @@ def test_batch_larger_than_one_is_refused(model64):
 
 
 @pytest.mark.parametrize("attention", ["infllm", "stream"])
-@pytest.mark.parametrize("kernel", ["plain", "blocked"])
-def test_fixed_shapes_match_dense_oracle(model64, attention, kernel):
+@pytest.mark.parametrize("kernel, wavefront", [("plain", 0), ("blocked", 0), ("plain", 1), ("blocked", 1)])
+def test_fixed_shapes_match_dense_oracle(model64, attention, kernel, wavefront):
     """The forward CUDA graphs replay, without the graphs: every forward a padded piece of exc_block_size
     tokens or one token (so a chunk runs piece by piece through all layers), the number of real tokens a
-    device count. Padding changes nothing:
+    device count; each chunk's pieces one after another, or as a wavefront over the layers (layer l on
+    piece s - l at step s). Padding, and the steps where a layer has no piece, change nothing:
     the dense float64 oracle's outputs, selections and representative keys, and the same statistics as
     unpadded forwards."""
     from generate import FixedShapes
@@ -483,7 +484,7 @@ def test_fixed_shapes_match_dense_oracle(model64, attention, kernel):
     for c in caches:
         c.trace = []
     oracles = [DenseInfLLM(SMALL, model64.rope.inv_freq, stream=attention == "stream") for _ in caches]
-    fixed = FixedShapes(model64, caches, graphs=False)
+    fixed = FixedShapes(model64, caches, graphs=False, wavefront=wavefront)
     ours = run(model64, caches, prompt, SMALL.chunk_size, dec, forward=fixed)
     ref = run(model64, oracles, prompt, SMALL.chunk_size, dec)
     assert (ours - ref).abs().max() < 1e-9
@@ -494,6 +495,39 @@ def test_fixed_shapes_match_dense_oracle(model64, attention, kernel):
         for c, o in zip(caches, oracles):
             assert c.trace == o.selections and c.units.count == len(o.reprs)
             assert torch.allclose(c.units.reprs[:c.units.count], torch.stack(o.reprs), atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["infllm", "stream"])
+def test_wavefront_prefill_equals_pieces_in_order(attention):
+    """generate.prefill through FixedShapes with a wavefront (the whole prompt in one call: 20 pieces
+    through 5 layers in 24 steps) leaves every layer's cache exactly as the pieces one after another do:
+    the same logits after the prompt and after decoding, selections, statistics and state, bit for bit;
+    the progress bar counts every prompt token once."""
+    from generate import FixedShapes, decode, prefill
+    model = random_model(dataclasses.replace(ARGS, n_layers=5), dtype=torch.float32, seed=5)
+    ids = tokens(158, 42).tolist()[0]  # 157 tokens in 20 pieces, the last padded; the last token alone
+    runs = []
+    for wavefront in (0, 5):
+        caches = make_caches(model, attention, SMALL, kernel="blocked")
+        for c in caches:
+            c.trace = []
+        fixed = FixedShapes(model, caches, graphs=False, wavefront=wavefront)
+        fed = []
+        progress = type("Progress", (), {"update": lambda self, n: fed.append(n)})()
+        logits = prefill(model, caches, ids, SMALL.chunk_size, progress, forward=fixed)
+        new = decode(model, caches, logits, 6, forward=fixed)
+        runs.append((logits, new, [c.trace for c in caches], memory_stats(caches), [c.snapshot() for c in caches]))
+        assert sum(fed) == len(ids) and [c.pos for c in caches] == [len(ids) + 5] * 5
+    (a, new_a, trace_a, stats_a, snap_a), (b, new_b, trace_b, stats_b, snap_b) = runs
+    assert torch.equal(a, b) and new_a == new_b and trace_a == trace_b and stats_a == stats_b
+    for x, y in zip(snap_a, snap_b):  # ring slots of tokens that left the window are free: only the rest count
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x if not k.startswith("ring_"))
+        live = (x["ring_pos"] >= x["start_d"]) & (x["ring_pos"] < x["pos_d"])
+        assert torch.equal(live, (y["ring_pos"] >= y["start_d"]) & (y["ring_pos"] < y["pos_d"])) and live.sum() > 0
+        assert torch.equal(x["ring_pos"][live], y["ring_pos"][live])
+        assert all(torch.equal(x[k][:, live], y[k][:, live]) for k in ("ring_k", "ring_kr", "ring_v", "ring_score"))
+    if attention == "infllm":
+        assert stats_a["misses"] > 0 and any(len(t) > 5 for t in trace_a)
 
 
 @pytest.mark.parametrize("attention", ["infllm", "stream"])
