@@ -90,7 +90,7 @@ class FixedShapes:
     every layer at once (each on a CUDA stream of its own, one graph for the step), so a small model's few
     hundred small kernels per layer and piece run side by side instead of one after another: K pieces take
     K + n_layers - 1 steps, the layers not yet reached (or already done) running pieces without a real token,
-    which change nothing (see ContextMemory.attend)."""
+    which change nothing (see ContextMemory._attend_piece)."""
 
     def __init__(self, model, caches, graphs=True, wavefront=None):
         if not all(isinstance(c, ContextMemory) for c in caches):
@@ -163,6 +163,7 @@ class FixedShapes:
             dev = x.device
             streams = [torch.cuda.Stream(dev) for _ in range(n_layers)] if dev.type == "cuda" else None
             self.wave = (x, torch.zeros_like(x), torch.zeros(n_layers, dtype=torch.long, device=dev), streams)
+        self.wave[2].zero_()  # no layer holds a piece yet (a wave cut short, by Ctrl-C say, left some)
         outs = []
         for s in range(K + n_layers - 1):  # piece s enters at the bottom; piece s - n_layers + 1 leaves at the top
             piece = tokens[:, s * P:(s + 1) * P]  # empty past the last piece: nothing real enters

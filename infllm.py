@@ -543,7 +543,9 @@ class ContextMemory:
     def _attend_piece(self, q, k, v, n):
         """One piece of P queries [Hq, P, D], the first n (a device count) real: attend, then update the
         memory. Device work only, of one shape for every piece: it reads no host counter. Returns the
-        output and the selected units (-1 where none, and all -1 without units)."""
+        output and the selected units (-1 where none, and all -1 without units). A piece with no real
+        token (n = 0, a wavefront's empty steps) changes nothing a later piece reads: it writes only ring
+        slots it marks empty, selects and loads no unit, and retires nothing (only the LRU clock ticks)."""
         P, N, R, dev = q.shape[1], self.cfg.n_local, self.ring, q.device
         t = torch.arange(P, device=dev)
         real = t < n

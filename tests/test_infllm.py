@@ -530,6 +530,34 @@ def test_wavefront_prefill_equals_pieces_in_order(attention):
         assert stats_a["misses"] > 0 and any(len(t) > 5 for t in trace_a)
 
 
+def test_a_wave_cut_short_leaves_nothing_for_the_next_prompt():
+    """A prefill interrupted mid-wave (Ctrl-C) leaves pieces inside the wavefront; the next prompt, read from
+    the start in the same caches, must not see them: the same logits as in fresh caches."""
+    from generate import FixedShapes, prefill
+    model = random_model(dataclasses.replace(ARGS, n_layers=4), dtype=torch.float32, seed=6)
+    first, second = tokens(120, 43).tolist()[0], tokens(100, 44).tolist()[0]
+
+    class Interrupt:
+        def __init__(self):
+            self.steps = 0
+
+        def update(self, n):
+            self.steps += 1
+            if self.steps == 6:
+                raise KeyboardInterrupt
+
+    caches = make_caches(model, "infllm", SMALL, kernel="blocked")
+    fixed = FixedShapes(model, caches, graphs=False, wavefront=1)
+    with pytest.raises(KeyboardInterrupt):
+        prefill(model, caches, first, SMALL.chunk_size, Interrupt(), forward=fixed)
+    for c in caches:
+        c.reset()
+    again = prefill(model, caches, second, SMALL.chunk_size, forward=fixed)
+    fresh_caches = make_caches(model, "infllm", SMALL, kernel="blocked")
+    fresh = prefill(model, fresh_caches, second, SMALL.chunk_size, forward=FixedShapes(model, fresh_caches, graphs=False, wavefront=1))
+    assert torch.equal(again, fresh)
+
+
 @pytest.mark.parametrize("attention", ["infllm", "stream"])
 def test_reset_starts_a_new_sequence_in_the_same_buffers(model64, attention):
     first, second, dec = tokens(130, 7), tokens(110, 8), tokens(5, 9)
