@@ -163,7 +163,8 @@ class FixedShapes:
             dev = x.device
             streams = [torch.cuda.Stream(dev) for _ in range(n_layers)] if dev.type == "cuda" else None
             self.wave = (x, torch.zeros_like(x), torch.zeros(n_layers, dtype=torch.long, device=dev), streams)
-        self.wave[2].zero_()  # no layer holds a piece yet (a wave cut short, by Ctrl-C say, left some)
+        held = self.wave[2]  # real tokens of the piece at each layer's input
+        held.zero_()  # no layer holds a piece yet (a wave cut short, by Ctrl-C say, left some)
         outs = []
         for s in range(K + n_layers - 1):  # piece s enters at the bottom; piece s - n_layers + 1 leaves at the top
             piece = tokens[:, s * P:(s + 1) * P]  # empty past the last piece: nothing real enters
@@ -257,7 +258,7 @@ def prefill(model, caches, ids: list[int], chunk_size: int, progress=None, forwa
             c.reserve(c.pos + len(ids) + room)
     if isinstance(forward, FixedShapes):  # pieces, not chunks: all of them in one call (one wavefront)
         if len(ids) > 1:
-                forward(tokens[:, :-1], last_only=True, progress=progress)
+            forward(tokens[:, :-1], last_only=True, progress=progress)
     else:
         for s in range(0, len(ids) - 1, chunk_size):
             e = min(s + chunk_size, len(ids) - 1)

@@ -117,17 +117,16 @@ def score_units(q_mem, reprs, real, best_token=False, each_query=False, over_hea
     acc = _acc(q_mem)
     Hq, T, D = q_mem.shape
     reprs = reprs.to(acc)
+    keys = reprs.view(reprs.shape[0], Hq, -1, D)  # [n, Hq, r, D]
     if not each_query or T == 1:  # one query (decoding): its own score is the mean's
         mean = (q_mem.to(acc) * real[:, None]).sum(dim=1) / real.sum().clamp(min=1)  # [Hq, D]
         if best_token:
-            keys = reprs.view(reprs.shape[0], Hq, -1, D)
             scores = torch.einsum("nhrd,hd->nhr", keys, mean).amax(dim=2).sum(dim=1)
         else:
             scores = reprs @ mean.reshape(-1)
         return scores if over_heads is None else over_heads(scores)
     q = q_mem.to(acc)
     if best_token:  # a head at a time: [n, r, T] each, not [n, Hq, r, T] (GBs at a million tokens)
-        keys = reprs.view(reprs.shape[0], Hq, -1, D)
         scores = sum((keys[:, h] @ q[h].T).amax(dim=1) for h in range(Hq))  # [n, T]
     else:
         scores = reprs @ q.transpose(0, 1).reshape(T, Hq * D).T  # [n, T]
