@@ -75,6 +75,18 @@ def test_processes_generate_what_one_process_does(tiny_ckpt, tiny3_ckpt, capsys,
     assert got["unit_cache_hit_rate"] == ref["unit_cache_hit_rate"]
 
 
+
+def test_compiled_processes_generate_what_one_process_does(tiny_ckpt, capsys, tmp_path):
+    """--compile under torchrun: the all-reduces sit between the compiled pieces (the layers' norms and MLP,
+    the piece step), each process compiles its own share's shapes; the same tokens and selections."""
+    args = ["--ckpt", tiny_ckpt, "--prompt", PROMPT, "--device", "cpu", "--infllm", SMALL, "--max-new-tokens", 8, "--json"]
+    ref = one_process(capsys, *args)
+    r = torchrun(2, *args, "--compile", "--compile-cache", tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["compiled"] and got["processes"] == 2 and got["prompt_tokens"] == ref["prompt_tokens"]
+    assert got["text"] == ref["text"] and got["unit_cache_hit_rate"] == ref["unit_cache_hit_rate"]
+
 @needs_ckpt
 def test_smollm2_on_three_processes_and_refused_on_two(capsys):
     args = ["--ckpt", CKPT, "--prompt", PROMPT, "--device", "cpu", "--infllm", SMALL, "--max-new-tokens", 8, "--json"]
