@@ -5,9 +5,10 @@ which every faster path is tested against. Shapes are per sequence (batch 1): qu
 keys and values [Hkv, L, D] with Hq a multiple of Hkv (grouped-query attention: query head h reads
 key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
 
-The fast paths: chunk_attention_blocked (CPU and eager GPU), and on a GPU under torch.compile the FlexAttention
-pair flex_local_part / flex_memory_part with the Triton local_column_sums. At the end, the Triton kernels and
-the copies between pinned host memory and the GPU that ContextMemory's unit storage uses.
+The fast paths: chunk_attention_blocked (CPU and eager GPU), chunk_attention_fused and chunk_attention_triton
+(eager GPU), and on a GPU under torch.compile the FlexAttention pair flex_local_part / flex_memory_part with the
+Triton local_column_sums. At the end, the Triton kernels and the copies between pinned host memory and the
+GPU that ContextMemory's unit storage uses.
 """
 import functools
 import math
@@ -206,6 +207,20 @@ def chunk_attention_fused(q_local, k_local, v_local, mask_local, q_mem, k_mem, v
     return out.to(q_local.dtype), local_column_sums(q_local, k_local, lse, mask_local)
 
 
+def chunk_attention_triton(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
+    """chunk_attention for the eager GPU path as one Triton kernel (_two_part_attention_kernel): flash attention
+    over the local keys, then the memory keys, in one online softmax, each part scored with its own queries.
+    Unlike chunk_attention_fused it copies no keys or values per query head, builds no additive mask, and
+    skips a tile of keys that no query of a block sees after reading its mask. The local column sums come
+    from local_column_sums with the kernel's log-sum-exp. Same results as chunk_attention up to the rounding
+    of the probabilities to the input dtype (bf16) before they weigh the values. A decoding step, a CPU or
+    float64 take the blocked kernel, as in chunk_attention_fused."""
+    if not q_local.is_cuda or q_local.shape[1] == 1 or q_local.dtype == torch.float64:
+        return chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
+    out, lse = _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
+    return out, local_column_sums(q_local, k_local, lse, mask_local)
+
+
 def chunk_attention_flex(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
     """chunk_attention as two FlexAttention calls, which under torch.compile on a GPU become fused
     flash-style kernels: bf16 tensor cores, fp32 softmax, no probability matrix written to memory. Each
@@ -294,6 +309,28 @@ def _column_sums_cuda(q, k, lse, mask):
         SCALE_LOG2=1.4426950408889634 / math.sqrt(D), BD=max(16, 1 << (D - 1).bit_length()),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **config)
     return out
+
+
+# Tiles of the two-part attention, BM queries x BN keys: untuned until measured on a GPU (the usual flash-attention
+# forward tile for head_dim 64-128; a 512-query piece of 9 heads makes 72 programs, fewer than an H200's 132 SMs).
+# Fixed, not autotuned: autotuning would cost time in every fresh process.
+TWO_PART_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
+
+
+def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
+    """The launch of _two_part_attention_kernel, one program per block of queries and query head: the output
+    [Hq, T, D] in the input dtype and the natural-log log-sum-exp over both parts [Hq, T] fp32 (-inf for a
+    query that sees no key, whose output is 0). Sizes only from shapes, no host sync: it replays in CUDA graphs."""
+    (Hq, T, D), L, M = q_local.shape, k_local.shape[1], k_mem.shape[1]
+    out = torch.empty(Hq, T, D, dtype=q_local.dtype, device=q_local.device)
+    lse = torch.empty(Hq, T, dtype=torch.float32, device=q_local.device)
+    config = TWO_PART_CONFIG
+    args = (x.contiguous() for x in (q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem))
+    _two_part_attention_kernel[(-(-T // config["BM"]), Hq)](
+        *args, out, lse, T, L, M, D, Hq // k_local.shape[0],
+        SCALE_LOG2=1.4426950408889634 / math.sqrt(D), BD=max(16, 1 << (D - 1).bit_length()),
+        PRECISION="ieee" if q_local.dtype == torch.float32 else "tf32", **config)
+    return out, lse
 
 
 def pinned_empty(shape, dtype):
@@ -391,9 +428,10 @@ def in_one_go(chunk_attention_fn):
 # (the eager GPU path; the blocked kernel elsewhere). "compiled": the blocked kernel in one block, which ContextMemory
 # compiles together with the rest of its chunk step (inductor fuses the masking, softmax and column-sum
 # passes over the probabilities). "flex": FlexAttention, compiled with the chunk step on a GPU (fused
-# kernels); on a CPU it runs unfused.
+# kernels); on a CPU it runs unfused. "triton": one Triton flash-attention kernel over both parts on a GPU (eager;
+# the blocked kernel elsewhere).
 CHUNK_ATTENTION = {"plain": in_one_go(chunk_attention), "blocked": in_one_go(chunk_attention_blocked),
-                   "fused": in_one_go(chunk_attention_fused),
+                   "fused": in_one_go(chunk_attention_fused), "triton": in_one_go(chunk_attention_triton),
                    "compiled": in_one_go(functools.partial(chunk_attention_blocked, block=None)),
                    "flex": (flex_local_part, flex_memory_part)}
 
@@ -425,6 +463,52 @@ if triton is not None:
             seen = tl.load(mask + t[:, None] * L + i[None, :], mask=(t[:, None] < T) & (i[None, :] < L), other=False)
             acc += tl.where(seen, tl.exp2(s * SCALE_LOG2 - z[:, None]), 0.0)
         tl.store(out + h * L + i, tl.sum(acc, axis=0), mask=i < L)
+
+    @triton.jit
+    def _attend_keys(query, k, v, mask, n, t, d, T, D, m_i, l_i, acc, SCALE_LOG2: tl.constexpr, BN: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        """Adds n keys (k, v: one key head's [n, D], mask [T, n]) to the online softmax of the queries t:
+        running max m_i and sum l_i of the logits in log2 units, output acc not yet divided by l_i."""
+        for start in range(0, n, BN):
+            i = start + tl.arange(0, BN)
+            seen = tl.load(mask + t[:, None] * n + i[None, :], mask=(t[:, None] < T) & (i[None, :] < n), other=False)
+            if tl.max(seen.to(tl.int32)) > 0:  # masks are arbitrary (a ring buffer): a tile nobody sees is skipped
+                rows = (i[:, None] < n) & (d[None, :] < D)
+                key = tl.load(k + i[:, None] * D + d[None, :], mask=rows, other=0.0)
+                s = tl.dot(query, tl.trans(key), input_precision=PRECISION) * SCALE_LOG2
+                s = tl.where(seen, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that has seen nothing yet: 0, not NaN
+                p = tl.exp2(s - m_use[:, None])
+                alpha = tl.exp2(m_i - m_use)
+                value = tl.load(v + i[:, None] * D + d[None, :], mask=rows, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value, input_precision=PRECISION)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _two_part_attention_kernel(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem, out, lse,
+                                   T, L, M, D, G, SCALE_LOG2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                   BD: tl.constexpr, PRECISION: tl.constexpr):
+        """out[h, t] and lse[h, t] for BM queries t of query head h: the local keys, then the memory keys,
+        in one softmax (exp2, the scale folded into log2 units), each part dotted with its own queries."""
+        qb, h = tl.program_id(0), tl.program_id(1)
+        t = qb * BM + tl.arange(0, BM)
+        d = tl.arange(0, BD)
+        at, inside = h * T * D + t[:, None] * D + d[None, :], (t[:, None] < T) & (d[None, :] < D)
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, BD], dtype=tl.float32)
+        query = tl.load(q_local + at, mask=inside, other=0.0)
+        m_i, l_i, acc = _attend_keys(query, k_local + (h // G) * L * D, v_local + (h // G) * L * D, mask_local, L,
+                                     t, d, T, D, m_i, l_i, acc, SCALE_LOG2, BN, PRECISION)
+        query = tl.load(q_mem + at, mask=inside, other=0.0)
+        m_i, l_i, acc = _attend_keys(query, k_mem + (h // G) * M * D, v_mem + (h // G) * M * D, mask_mem, M,
+                                     t, d, T, D, m_i, l_i, acc, SCALE_LOG2, BN, PRECISION)
+        # A query that saw nothing has l_i = 0: output 0 and lse -inf (log2(0) = -inf), no NaN.
+        tl.store(out + at, (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty), mask=inside)
+        tl.store(lse + h * T + t, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=t < T)  # log2 -> natural
 
     @triton.jit
     def _gather_kernel(src_addr, rows, dst, dst_rows, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):

@@ -39,7 +39,7 @@ def test_gather_from_host_reads_pinned_rows():
     assert torch.equal(dst.cpu(), expect)
 
 
-@pytest.mark.parametrize("kernel", ["blocked", "fused", "compiled", "flex"])
+@pytest.mark.parametrize("kernel", ["blocked", "fused", "triton", "compiled", "flex"])
 def test_fast_path_equals_plain_path(kernel):
     cpu_model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0)
     model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
@@ -68,8 +68,9 @@ def test_bf16_fast_path_close_to_fp32_plain():
 
 
 @pytest.mark.parametrize("wavefront", [0, 1])
-@pytest.mark.parametrize("attention, kernel", [("infllm", "fused"), ("infllm", "compiled"), ("infllm", "flex"),
-                                               ("stream", "fused"), ("stream", "compiled")])
+@pytest.mark.parametrize("attention, kernel", [("infllm", "fused"), ("infllm", "triton"), ("infllm", "compiled"),
+                                               ("infllm", "flex"), ("stream", "fused"), ("stream", "triton"),
+                                               ("stream", "compiled")])
 def test_cuda_graphs_replay_the_same_forward(attention, kernel, wavefront):
     """Forwards replayed from CUDA graphs give the logits, selections and statistics of running them, over
     prompts of three lengths in the same caches (reset between them); the kinds of forward (a padded
@@ -100,7 +101,7 @@ def test_cuda_graphs_replay_the_same_forward(attention, kernel, wavefront):
     assert captures == [2, 2, 2]  # a padded piece (or a wavefront step: every chunk has 2 pieces or more), a token
 
 
-@pytest.mark.parametrize("kernel", ["fused", "flex"])
+@pytest.mark.parametrize("kernel", ["fused", "triton", "flex"])
 def test_wavefront_on_streams_equals_pieces_in_order(kernel):
     """A prompt of 40 pieces through 6 layers as a wavefront, replayed from one CUDA graph whose layers run
     on streams of their own, unit loads and write-backs on each layer's side stream: the logits after the
@@ -182,6 +183,28 @@ def test_fused_eager_attention_equals_plain(shape, pos, held, padding, seed):
     assert out.dtype == torch.bfloat16 and not out[:, ~real].any()
     assert torch.allclose(out.double(), ref_out, atol=2e-2, rtol=2e-2)
     assert torch.allclose(col.double(), ref_col.double(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("shape", FLEX_SHAPES, ids=lambda s: f"T{s['T']}-N{s['N']}-D{s['D']}-G{s['group']}")
+@settings(max_examples=3, deadline=None)
+@given(st.integers(0, 2000), st.integers(0, 128), st.integers(0, 20), st.integers(0, 2**16))
+def test_triton_attention_equals_plain(shape, pos, held, padding, seed):
+    """The Triton kernel (both parts in one online softmax, unseen key tiles skipped) against the float64
+    plain path, padding queries as above; and its log-sum-exp, -inf where a query sees nothing."""
+    import kernels
+    args = list(window_case(dict(shape, pos=pos, held=held, seed=seed), dtype=torch.bfloat16, device="cuda", D=shape["D"]))
+    real = torch.arange(shape["T"], device="cuda") < shape["T"] - min(padding, shape["T"] - 1)
+    args[3], args[7] = args[3] & real[:, None], args[7] & real[:, None]
+    out, col = kernels.chunk_attention_triton(*args)
+    double = [a.double() if a.is_floating_point() else a for a in args]
+    ref_out, ref_col = kernels.chunk_attention(*double)
+    assert out.dtype == torch.bfloat16 and not out[:, ~real].any()
+    assert torch.allclose(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    assert torch.allclose(col.double(), ref_col.double(), atol=2e-3, rtol=2e-3)
+    _, lse = kernels._two_part_attention(*args)
+    ref_lse = torch.logaddexp(kernels.part_attention(*double[:4])[1], kernels.part_attention(*double[4:])[1])
+    assert torch.equal(lse.isneginf(), ref_lse.isneginf()) and lse[:, ~real].isneginf().all()
+    assert torch.allclose(lse[:, real].double(), ref_lse[:, real], atol=1e-3, rtol=1e-3)
 
 
 @settings(max_examples=40, deadline=None)
