@@ -5,9 +5,10 @@ which every faster path is tested against. Shapes are per sequence (batch 1): qu
 keys and values [Hkv, L, D] with Hq a multiple of Hkv (grouped-query attention: query head h reads
 key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
 
-The fast paths: chunk_attention_blocked (CPU and eager GPU), chunk_attention_fused and chunk_attention_triton
-(eager GPU), and on a GPU under torch.compile the FlexAttention pair flex_local_part / flex_memory_part with the
-Triton local_column_sums. At the end, the Triton kernels and the copies between pinned host memory and the
+The fast paths: chunk_attention_blocked (CPU, and a decoding step on a GPU), chunk_attention_triton (a prefill
+piece on an eager GPU; chunk_attention_fused without Triton), and on a GPU under torch.compile the FlexAttention
+pair flex_local_part / flex_memory_part; the GPU paths take their local column sums from the Triton
+local_column_sums. At the end, the Triton kernels and the copies between pinned host memory and the
 GPU that ContextMemory's unit storage uses.
 """
 import functools
@@ -181,7 +182,7 @@ def chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem,
 
 
 def chunk_attention_fused(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
-    """chunk_attention for the eager GPU path: both parts in one call of PyTorch's fused memory-efficient
+    """chunk_attention for an eager GPU without Triton: both parts in one call of PyTorch's fused memory-efficient
     attention (no compilation), which takes an additive mask and returns the log-sum-exp. The two parts have
     queries at different positions, so they sit side by side along the head dimension: [q_local, q_mem]
     dotted with [k, 0] for a window key and [0, k] for a memory key gives each key the logit of its own part,
@@ -424,12 +425,12 @@ def in_one_go(chunk_attention_fn):
     return (lambda *local: local), (lambda local, *memory: chunk_attention_fn(*local, *memory))
 
 
-# Each entry: (local part, memory part). "fused": one call of PyTorch's memory-efficient attention on a GPU
-# (the eager GPU path; the blocked kernel elsewhere). "compiled": the blocked kernel in one block, which ContextMemory
-# compiles together with the rest of its chunk step (inductor fuses the masking, softmax and column-sum
-# passes over the probabilities). "flex": FlexAttention, compiled with the chunk step on a GPU (fused
-# kernels); on a CPU it runs unfused. "triton": one Triton flash-attention kernel over both parts on a GPU (eager;
-# the blocked kernel elsewhere).
+# Each entry: (local part, memory part). "triton": one Triton flash-attention kernel over both parts on a GPU
+# (the eager GPU path; the blocked kernel elsewhere). "fused": one call of PyTorch's memory-efficient attention
+# on a GPU (the eager path before it; no Triton needed). "compiled": the blocked kernel in one block, which
+# ContextMemory compiles together with the rest of its chunk step (inductor fuses the masking, softmax and
+# column-sum passes over the probabilities). "flex": FlexAttention, compiled with the chunk step on a GPU (fused
+# kernels); on a CPU it runs unfused.
 CHUNK_ATTENTION = {"plain": in_one_go(chunk_attention), "blocked": in_one_go(chunk_attention_blocked),
                    "fused": in_one_go(chunk_attention_fused), "triton": in_one_go(chunk_attention_triton),
                    "compiled": in_one_go(functools.partial(chunk_attention_blocked, block=None)),

@@ -17,6 +17,16 @@ SMALL = InfLLMConfig(n_init=4, n_local=64, block_size=8, repr_topk=4, topk=3, ma
 ARGS = ModelArgs(vocab_size=211, dim=128, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=256)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch. Dynamo keeps at most 8 graphs per function across the whole process,
+    and this file compiles the piece step for many configurations: past that limit it runs the step
+    uncompiled, and an uncompiled FlexAttention call cannot be captured in a CUDA graph."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    yield
+
+
 def run(model, caches, tokens, chunk, n_decode):
     outs = []
     with torch.no_grad():
@@ -58,13 +68,21 @@ def test_fast_path_equals_plain_path(kernel):
     assert (a.cpu() - c).abs().max() < 1e-3
 
 
-def test_bf16_fast_path_close_to_fp32_plain():
+@pytest.mark.parametrize("kernel", ["compiled", "fused", "triton"])
+def test_bf16_fast_path_close_to_fp32_plain(kernel):
+    """The fast path in bf16 is as close to fp32 as bf16 itself allows. Rounding the model to bf16 alone
+    moves some lookups to other units (a discrete choice between near-equal scores), and the logits of the
+    positions after such a flip move by up to a tenth of their range (2026-11-28, H200: 0.103 for the
+    plain path in bf16, 0.105 for the compiled one), so the fast path is measured against the plain path
+    in bf16, both against fp32: no worse at any position, and close at most positions."""
     model32 = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
     model16 = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).to("cuda", torch.bfloat16)
     tokens = torch.randint(0, ARGS.vocab_size, (1, 300), device="cuda")
     a = run(model32, make_caches(model32, "infllm", SMALL, kernel="plain"), tokens, SMALL.chunk_size, 10)
-    b = run(model16, make_caches(model16, "infllm", SMALL, kernel="compiled"), tokens, SMALL.chunk_size, 10)
-    assert (a - b).abs().max() < 0.1 * a.abs().max()
+    b = run(model16, make_caches(model16, "infllm", SMALL, kernel=kernel), tokens, SMALL.chunk_size, 10)
+    c = run(model16, make_caches(model16, "infllm", SMALL, kernel="plain"), tokens, SMALL.chunk_size, 10)
+    fast, bf16 = ((a - x).abs().amax(-1)[0] / a.abs().max() for x in (b, c))  # per position
+    assert fast.max() < 1.5 * bf16.max() and fast.median() < 0.02
 
 
 @pytest.mark.parametrize("wavefront", [0, 1])
