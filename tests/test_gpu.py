@@ -20,8 +20,9 @@ ARGS = ModelArgs(vocab_size=211, dim=128, n_layers=2, n_heads=8, n_kv_heads=2, h
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test compiles from scratch. Dynamo keeps at most 8 graphs per function across the whole process,
-    and this file compiles the piece step for many configurations: past that limit it runs the step
-    uncompiled, and an uncompiled FlexAttention call cannot be captured in a CUDA graph."""
+    and this file compiles the piece step for many configurations: past that limit it would run the step
+    uncompiled, FlexAttention included, inside a CUDA graph capture (the likely cause of a whole-file run that
+    failed the flex wavefront test, and every later test with a capture left open, on 2026-11-28)."""
     import torch._dynamo
     torch._dynamo.reset()
     yield
