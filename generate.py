@@ -101,6 +101,9 @@ class FixedShapes:
         # tensor parallel: every process must run its all-reduces in one order, and the streams' is free.
         self.wavefront = wavefront if wavefront is not None else (len(caches) if model.args.tp_size == 1 else 0)
         self.graphs, self.version, self.captures = {}, None, 0
+        # Seconds in forwards of a kind run for the first time, with their captures (torch.compile's tracing
+        # and compiling, lazy set-up, the piece's own work): what a later prompt replays instead.
+        self.warm, self.warmup_s = set(), 0.0
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
         self.wave = None  # its buffers: each layer's input and output piece and real tokens; streams
 
@@ -135,7 +138,7 @@ class FixedShapes:
         n = tokens.shape[1]
         version = tuple(c.units.version for c in self.caches if c.use_units)
         if version != self.version:  # storage moved: the graphs point at the old buffers
-            self.graphs, self.version = {}, version
+            self.graphs, self.version, self.warm = {}, version, set()
             self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # dies with its last graph
         if key in self.graphs:
             graph, static_in, static_n, static_out = self.graphs[key]
@@ -143,6 +146,8 @@ class FixedShapes:
             static_n.fill_(n)
             graph.replay()
             return static_out
+        first = key not in self.warm
+        start = synced_clock(tokens.device) if first else None
         static_in = F.pad(tokens, (0, L - n))
         static_n = torch.full((), n, dtype=torch.long, device=tokens.device)
         out = forward(static_in, static_n)
@@ -152,6 +157,9 @@ class FixedShapes:
                 static_out = forward(static_in, static_n)
             self.graphs[key] = (graph, static_in, static_n, static_out)
             self.captures += 1
+        if first:
+            self.warm.add(key)
+            self.warmup_s += synced_clock(tokens.device) - start
         return out
 
     def _wavefront(self, tokens, last_only, progress):
@@ -198,6 +206,13 @@ class FixedShapes:
         x[1:].copy_(y[:-1])
         held[1:].copy_(held[:-1].clone())
         return out
+
+
+def synced_clock(device) -> float:
+    """time.perf_counter() once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 # Not by default: on an H200 (docs/benchmarks.md, 2026-11-27) a fresh process answered SmolLM2 prompts of
@@ -420,12 +435,16 @@ class Reader:
         if self.progress and len(ids) > self.cfg.chunk_size:
             from tqdm import tqdm
             progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
-        self._sync()
-        t0 = time.perf_counter()
+        t0 = synced_clock(self.device)
+        for c in self.caches:  # the unit storage (pinned host memory on a GPU), before the first piece
+            if hasattr(c, "reserve"):
+                c.reserve(self.tokens + len(ids) + room)
+        reserve_s = synced_clock(self.device) - t0
+        warm = getattr(self.forward, "warmup_s", None)
         logits = prefill(self.model, self.caches, ids, self.cfg.chunk_size, progress, self.forward, room)
-        self._sync()
-        self.figures = {"prompt_tokens": len(ids), "prefill_s": time.perf_counter() - t0,
-                        "first_token_s": time.time() - STARTED}
+        self.figures = {"prompt_tokens": len(ids), "prefill_s": synced_clock(self.device) - t0,
+                        "first_token_s": time.time() - STARTED, "reserve_s": reserve_s,
+                        "warmup_s": self.forward.warmup_s - warm if warm is not None else None}
         if progress is not None:
             progress.close()
         return logits
@@ -609,6 +628,11 @@ def figures(r: Reader, text: str) -> dict:
         "wall_s": round(time.time() - STARTED, 3),
         "prefill_s": round(f["prefill_s"], 4),
         "prefill_tok_s": round(f["prompt_tokens"] / f["prefill_s"], 2),
+        # Parts of prefill_s that a later prompt of the same size does not pay (or pays less of): reserving the
+        # unit storage, and the forwards run for the first time and captured (compilation included; None
+        # without CUDA graphs).
+        "reserve_s": round(f["reserve_s"], 4),
+        "warmup_s": round(f["warmup_s"], 4) if f["warmup_s"] is not None else None,
         "decode_tok_s": round(f["decode_tok_s"], 2) if f.get("decode_tok_s") else None,
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / GiB, 3) if cuda else None,
         "peak_rss_gib": round(peak_rss_gib(), 3),
@@ -623,8 +647,10 @@ def report(args, result):
     r = result
     print(f"[{r['prompt_tokens']} prompt tokens ({r['memory_tokens']} in memory), first token after "
           f"{r['first_token_s']:.1f} s, whole run {r['wall_s']:.1f} s{' (compiled)' if r['compiled'] else ''}; "
-          f"prefill {r['prefill_s']:.2f} s ({r['prefill_tok_s']:.0f} tok/s), "
-          f"{r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
+          f"prefill {r['prefill_s']:.2f} s ({r['prefill_tok_s']:.0f} tok/s"
+          + (f"; storage {r['reserve_s']:.2f} s, first runs and captures {r['warmup_s']:.2f} s"
+             if r["warmup_s"] else "")
+          + f"), {r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
           + (f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else "")
           + (f", unit cache hit rate {r['unit_cache_hit_rate']:.1%}" if r["unit_cache_hit_rate"] is not None else "")
           + (f", snapshot {r['snapshot_gib']:.2f} GiB in {r['save_s']:.1f} s" if "snapshot_gib" in r else "")

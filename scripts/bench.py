@@ -136,6 +136,8 @@ def main(argv=None) -> int:
                # the first prompt as a user meets it: compilation and graph capture included
                "first_prefill_s": round(runs[0]["prefill_s"], 3), "first_since_start_s": round(runs[0]["since_start_s"], 3),
                "wavefront": getattr(forward, "wavefront", None),
+               # of the first prefill: forwards run for the first time and captured (compilation included)
+               "first_warmup_s": round(forward.warmup_s, 3) if hasattr(forward, "warmup_s") else None,
                "compile_cache": str(cache) + (" (cold)" if args.cold else ""),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype)}
         rows.append(row)

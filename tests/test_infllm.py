@@ -497,6 +497,23 @@ def test_fixed_shapes_match_dense_oracle(model64, attention, kernel, wavefront):
             assert torch.allclose(c.units.reprs[:c.units.count], torch.stack(o.reprs), atol=1e-12)
 
 
+def test_fixed_shapes_count_warm_up_once(model64):
+    """FixedShapes times the first run (and capture) of each kind of forward: a first prompt pays it, a later
+    prompt of another length runs the same two kinds (a padded piece, one token) and adds nothing."""
+    from generate import FixedShapes, decode, prefill
+    caches = make_caches(model64, "infllm", SMALL, kernel="blocked")
+    fixed = FixedShapes(model64, caches, graphs=False, wavefront=0)
+    warm = []
+    for n in (157, 100):  # bodies of 156 and 99 tokens in pieces of 8: the last padded, never one token alone
+        for c in caches:
+            c.reset()
+        logits = prefill(model64, caches, tokens(n, 7).tolist()[0], SMALL.chunk_size, forward=fixed)
+        decode(model64, caches, logits, 3, forward=fixed)
+        warm.append(fixed.warmup_s)
+    assert warm[0] > 0 and warm[1] == warm[0]
+    assert fixed.warm == {(SMALL.exc_block_size, True), (1, False)}
+
+
 @pytest.mark.parametrize("attention", ["infllm", "stream"])
 def test_wavefront_prefill_equals_pieces_in_order(attention):
     """generate.prefill through FixedShapes with a wavefront (the whole prompt in one call: 20 pieces
