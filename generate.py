@@ -462,7 +462,7 @@ class Reader:
         t0 = time.perf_counter()
         new = decode(self.model, self.caches, logits, max_new_tokens, set(self.tok.eos_ids), temperature, top_k,
                      seed, on_token=stream, forward=self.forward)
-        self._sync()
+        synced_clock(self.device)
         text = self.tok.decode(new)
         if on_text is not None and len(text) > len(shown[0]):
             on_text(text[len(shown[0]):])
@@ -482,7 +482,7 @@ class Reader:
         """Write the memory after the document to path (safetensors); returns its size in bytes."""
         if self.mark is not None:
             self.rewind()
-        self._sync()
+        synced_clock(self.device)
         return save_memory(path, self.caches, self.header() | {"tokens": self.tokens})
 
     def load(self, path):
@@ -528,10 +528,6 @@ class Reader:
                                  f"({', '.join(parts)}), {size(more)} more than it holds now, but "
                                  f"{size(free)} is free: {hint}use a shorter prompt")
         self.reserved = n_tokens
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def read_prompt(args) -> str | None:
