@@ -99,7 +99,8 @@ def main(argv=None) -> int:
                    help="with --graphs: run prompts of N pieces or more as a wavefront over the layers (0: never; default: FixedShapes')")
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: chunk_size of the InfLLM settings)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--profile", action="store_true", help="also print where one prefill spends its time")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where a prefill's last 8K tokens and 16 decoding steps spend their time")
     p.add_argument("--cold", action="store_true", help="compile with empty caches, as on a fresh machine")
     p.add_argument("--compile-cache", metavar="DIR", default=None, help="compile caches (default: generate.py's)")
     args = p.parse_args(argv)
@@ -158,8 +159,9 @@ def main(argv=None) -> int:
                   f"decode {row['decode_tok_s']:7.2f} tok/s, peak GPU {gpu}, peak RSS {row['peak_rss_gib']:.1f} GiB, "
                   f"unit-cache hit rate {hit}; first prompt: prefill {row['first_prefill_s']:.1f} s, "
                   f"{row['first_since_start_s']:.1f} s after the process started", flush=True)
-    if args.profile and rank == 0:  # the last length again, in the warm caches (compiled, graphs captured)
-        profile(model, caches, forward, args.chunk or cfg.chunk_size, lengths[-1], device)
+    if args.profile:  # the last length again, in the warm caches (compiled, graphs captured); every process
+        # takes part (their all-reduces meet), process 0 prints
+        profile(model, caches, forward, args.chunk or cfg.chunk_size, lengths[-1], device, show=rank == 0)
     caches = forward = None  # their CUDA graphs go before the process group
     leave_processes()
     return 0
@@ -173,21 +175,27 @@ def setup(model, attention, cfg, kernel, graphs, wavefront=None):
     return caches, forward_fn(model, caches, graphs=graphs, wavefront=wavefront)
 
 
-def profile(model, caches, forward, chunk, length, device):
-    """The operators that take the time of one prefill, then of 16 decoding steps (torch.profiler)."""
+def profile(model, caches, forward, chunk, length, device, tail=8192, show=True):
+    """The operators that take the time of a prefill's last `tail` tokens, then of 16 decoding steps
+    (torch.profiler). The tokens before them are fed unprofiled: a trace of every kernel of a long prompt
+    (millions with the wavefront) takes the profiler longer to digest than the run."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     ids = torch.randint(0, model.args.vocab_size, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+    head, tail = ids[:-tail], ids[-tail:]
     for c in caches:
         c.reset()
-    for name, work in (("prefill", lambda: prefill(model, caches, ids, chunk, forward=forward)),
+    if head:
+        prefill(model, caches, head, chunk, forward=forward, room=len(tail) + 16)
+    for name, work in ((f"prefill of the last {len(tail)} tokens", lambda: prefill(model, caches, tail, chunk, forward=forward, room=16)),
                        ("16 decoding steps", lambda: decode(model, caches, logits, 16, forward=forward))):
         with torch_profile(activities=acts) as prof:
             logits = work()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        print(f"== {name} ==\n" + prof.key_averages().table(sort_by=key, row_limit=40), flush=True)
+        if show:
+            print(f"== {name} ==\n" + prof.key_averages().table(sort_by=key, row_limit=40), flush=True)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,19 @@ def test_bench_bad_length_is_one_sentence():
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "12Q" in r.stderr
+
+
+def test_bench_profile_prints_the_prefill_tail_and_decoding(capsys):
+    """--profile traces only a prefill's last tokens (the rest fed unprofiled into the same caches) and 16
+    decoding steps: both tables come out, the tail's with the operators of a forward in it."""
+    import torch
+    from generate import forward_fn
+    from infllm import InfLLMConfig, make_caches
+    from model import random_model
+    model = random_model(bench.SHAPES["tiny"])
+    caches = make_caches(model, "infllm", InfLLMConfig.parse(SMALL_INFLLM), "blocked")
+    bench.profile(model, caches, forward_fn(model, caches), 128, 700, torch.device("cpu"), tail=300)
+    out = capsys.readouterr().out
+    assert "== prefill of the last 300 tokens ==" in out and "== 16 decoding steps ==" in out
+    assert out.count("aten::matmul") >= 2  # the projections: a row in each table
+    assert caches[0].pos == 700 + 16 - 1  # head, tail, then 16 steps (the first from the tail's logits)
