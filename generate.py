@@ -117,6 +117,8 @@ class FixedShapes:
         while s < T:
             L = 1 if T - s == 1 else P
             n = min(L, T - s)
+            for c in self.caches:  # the unit storage this piece may touch, locked before it is queued
+                c.pin(c.pos + L)
             out = self._replay((L, last_only), tokens[:, s:s + n], L, functools.partial(self._forward, last_only))
             outs.append(out if last_only else out[:, :n].clone())  # a replay overwrites its output
             self._advance(n, progress)
@@ -176,6 +178,8 @@ class FixedShapes:
         outs = []
         for s in range(K + n_layers - 1):  # piece s enters at the bottom; piece s - n_layers + 1 leaves at the top
             piece = tokens[:, s * P:(s + 1) * P]  # empty past the last piece: nothing real enters
+            for c in self.caches:  # the unit storage this step may touch, locked before it is queued
+                c.pin(c.pos + (s + 1) * P)
             out = self._replay(("wave", last_only), piece, P, functools.partial(self._wave_step, last_only))
             if progress is not None:
                 progress.update(piece.shape[1])

@@ -184,7 +184,9 @@ class MemoryUnits:
         self.scales = torch.empty(0, 2, n_kv_heads, device=device) if self.fp8 else None
         counter = functools.partial(torch.zeros, (), dtype=torch.long, device=device)
         self.n, self.lookups, self.hits, self.misses, self.clock = (counter() for _ in range(5))
-        self.host_k = self.host_v = self._host(0)
+        self.host_k = self.host_v = torch.empty(0, *self.block, dtype=self.store)
+        self.locked = [[], []]  # on a GPU: the addresses of host_k's and host_v's page-locked slices
+        self.pinned = 0  # on a GPU: rows [0, pinned) of both are page-locked (see pin)
         # The representative keys, per unit [Hq, r, D] flattened: r = 1 (their mean), or repr_topk (best).
         self.reprs = torch.empty(0, n_heads * repr_keys(cfg) * head_dim, device=device, dtype=dtype)
         self.last = None  # set to a dict to keep the last lookup's queries and scores (scripts/needle_units.py)
@@ -210,9 +212,10 @@ class MemoryUnits:
         self.reserve(cfg.topk)
 
     def _host(self, n):
-        if self.device.type == "cuda":  # rows past n are never read: no need to clear them
-            return kernels.pinned_empty((n, *self.block), self.store)
-        return torch.zeros(n, *self.block, dtype=self.store)
+        """Storage for n rows, and on a GPU the list of its page-locked slices (locked by pin)."""
+        if self.device.type == "cuda":
+            return kernels.lockable_empty((n, *self.block), self.store)
+        return torch.zeros(n, *self.block, dtype=self.store), None
 
     @property
     def capacity(self):
@@ -266,10 +269,13 @@ class MemoryUnits:
             torch.cuda.current_stream(self.device).synchronize()
             self.loader.synchronize()
         n = max(self.capacity, 0)
-        for name in ("host_k", "host_v"):
-            new = self._host(cap + 1)
+        for i, name in enumerate(("host_k", "host_v")):
+            new, self.locked[i] = self._host(cap + 1)
             new[:n] = getattr(self, name)[:n]
             setattr(self, name, new)
+            if self.loader is not None and n:  # the rows kept: the GPU may read them at once
+                kernels.lock_rows(new, 0, n, self.locked[i], fresh=False)
+        self.pinned = n if self.loader is not None else 0
         self.reprs = torch.cat([self.reprs[:n], self.reprs.new_zeros(cap + 1 - n, self.reprs.shape[1])])
         self.unit_slot = torch.cat([self.unit_slot[:n], self.unit_slot.new_full((cap + 1 - n,), -1)])
         if self.fp8:
@@ -278,6 +284,22 @@ class MemoryUnits:
             if self.compiled:
                 torch._dynamo.mark_dynamic(t, 0)
         self.version += 1
+
+    SLICE = 32 << 20  # bytes of each host tensor page-locked at a time, at least
+
+    def pin(self, rows):
+        """On a GPU, make rows [0, rows) of the host storage readable and writable by the GPU (page-locked
+        and mapped) before any work that may touch them is queued. Locking the storage of a long prompt all
+        at once held its first piece up by seconds (22 GB: 6.3 s on an H200 host); locked a slice at a time
+        just ahead of the pieces, it costs the GPU nothing: cudaHostRegister does not wait for the GPU, and
+        the host queues pieces ahead of it (docs/benchmarks.md)."""
+        if self.loader is None or rows <= self.pinned:
+            return
+        row_bytes = self.host_k[0].numel() * self.host_k.element_size()
+        rows = min(max(rows, self.pinned + -(-self.SLICE // row_bytes)), self.host_k.shape[0])
+        for t, locked in zip((self.host_k, self.host_v), self.locked):
+            kernels.lock_rows(t, self.pinned, rows, locked)  # rows never written: touched first
+        self.pinned = rows
 
     def lookup(self, q_mem, real):
         """The units this piece attends to: topk by representative score over its real queries (every
@@ -353,6 +375,7 @@ class MemoryUnits:
                 if name not in s or s[name].shape[1:] != getattr(self, name).shape[1:] or len(s[name]) != n:
                     raise ValueError(f"saved units {name!r} do not fit this model and these settings")
             self.reserve(n)
+            self.pin(n)  # before the rows are written: pin clears the rows it locks
             for name in names:
                 getattr(self, name)[:n] = s[name]
         elif n > self.capacity:
@@ -484,6 +507,12 @@ class ContextMemory:
         if self.use_units:
             self.units.reserve(n_tokens // self.cfg.block_size + 1)
 
+    def pin(self, n_tokens):
+        """Make the unit storage that a sequence of n_tokens can touch ready for the GPU: called before a
+        forward up to n_tokens is queued (the units of n tokens are fewer than n // block_size + 1)."""
+        if self.use_units:
+            self.units.pin(n_tokens // self.cfg.block_size + 1)
+
     def reset(self):
         """Start a new sequence in the same buffers."""
         self.pos = 0
@@ -524,6 +553,7 @@ class ContextMemory:
         T = q.shape[2]
         if n_valid is None:
             self.reserve(self.pos + T)
+            self.pin(self.pos + T)
             self.pos += T
             n_valid = torch.full((), T, dtype=torch.long, device=q.device)
         P = 1 if T == 1 else self.cfg.exc_block_size  # a decoding step, or pieces of the prompt

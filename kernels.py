@@ -340,18 +340,53 @@ def pinned_empty(shape, dtype):
     """Page-locked host memory of exactly this size. torch's pinned allocator rounds every block up to a
     power of two and keeps freed blocks for reuse, so 1.07 GB of units would hold 2 GB, and the storage
     of an earlier, shorter prompt would stay: at 1M tokens that doubles the host memory. Registering an
-    ordinary allocation (cudaHostRegister, mapped for the GPU) costs exactly its size. The pages are
-    touched first, by all cores at once (zero_ runs in parallel): registering fresh memory faults each page
-    in on one thread, 3-4x slower (an H200 host, 2026-11-28: 10 GB in 0.98-2.6 s against 3.4-4.6 s)."""
-    t = torch.empty(shape, dtype=dtype)
-    if t.numel():
-        t.zero_()
-        cudart, ptr = torch.cuda.cudart(), t.data_ptr()
-        err = cudart.cudaHostRegister(ptr, t.numel() * t.element_size(), 3)  # portable | mapped
-        if int(err) != 0:
-            raise RuntimeError(f"cannot page-lock {t.numel() * t.element_size() / 2**30:.1f} GiB of host memory for the memory units (CUDA error {int(err)})")
-        weakref.finalize(t, cudart.cudaHostUnregister, ptr)
+    ordinary allocation (cudaHostRegister, mapped for the GPU) costs exactly its size."""
+    t, locked = lockable_empty(shape, dtype)
+    lock_rows(t, 0, t.shape[0], locked)
     return t
+
+
+def lockable_empty(shape, dtype):
+    """Host memory that lock_rows page-locks later, a slice of rows at a time, and the list of the
+    addresses it registers (released with the tensor)."""
+    t, locked = torch.empty(shape, dtype=dtype), []
+    weakref.finalize(t, _unlock, torch.cuda.cudart(), locked)
+    return t, locked
+
+
+def _unlock(cudart, locked):
+    for ptr in locked:
+        cudart.cudaHostUnregister(ptr)
+
+
+PAGE = 4096
+
+
+def lock_span(base, row_bytes, rows, r0, r1):
+    """The bytes [start, end) that page-locking rows r0..r1 of a storage of `rows` rows at `base` registers,
+    rows before r0 done already. Cut at page boundaries: two registrations must not share a page (the
+    second would fail), so a row split by a cut is locked up to the cut with the earlier rows."""
+    end = base + rows * row_bytes
+
+    def cut(r):
+        return base if r == 0 else min(-(-(base + r * row_bytes) // PAGE) * PAGE, end)
+    return cut(r0), cut(r1)
+
+
+def lock_rows(t, r0, r1, locked, fresh=True):
+    """Page-lock rows [r0, r1) of the host tensor t (rows before r0 are locked), mapped for the GPU. fresh:
+    the rows were never written, so they are touched first by all cores at once (zero_ runs in parallel):
+    registering untouched memory faults each page in on one thread, 3-4x slower (an H200 host, 2026-11-28:
+    10 GB in 0.98-2.6 s against 3.4-4.6 s)."""
+    start, end = lock_span(t.data_ptr(), t[0].numel() * t.element_size(), t.shape[0], r0, r1)
+    if end <= start:
+        return
+    if fresh:
+        t[r0:r1].zero_()
+    err = torch.cuda.cudart().cudaHostRegister(start, end - start, 3)  # portable | mapped
+    if int(err) != 0:
+        raise RuntimeError(f"cannot page-lock {(end - start) / 2**30:.1f} GiB of host memory for the memory units (CUDA error {int(err)})")
+    locked.append(start)
 
 
 def _after_current(stream):

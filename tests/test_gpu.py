@@ -157,6 +157,39 @@ def test_pinned_storage_is_mapped_for_the_gpu():
     assert torch.equal(src[4], back[0].cpu()) and torch.equal(src[0], back[1].cpu())
 
 
+@pytest.mark.parametrize("wavefront", [0, 1])
+def test_unit_storage_is_locked_as_the_pieces_come(wavefront, monkeypatch):
+    """The prefill's unit storage is reserved at once but page-locked a slice at a time, each slice before
+    the pieces that may touch it are queued (MemoryUnits.pin): the same logits, tokens and unit-cache
+    statistics as storage locked whole before the prefill, and after the prompt only the rows it needs
+    locked (1-row slices here), in many registrations."""
+    from generate import FixedShapes, decode, prefill
+    from infllm import MemoryUnits
+    model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
+    ids = torch.randint(0, ARGS.vocab_size, (900,), generator=torch.Generator().manual_seed(3)).tolist()
+    runs = []
+    for slice_bytes in (1, 1 << 40):  # a row at a time; everything at the first piece
+        monkeypatch.setattr(MemoryUnits, "SLICE", slice_bytes)
+        caches = make_caches(model, "infllm", SMALL, "triton")
+        fixed = FixedShapes(model, caches, wavefront=wavefront)
+        for c in caches:
+            c.reserve(5000)  # room for a longer prompt: nothing of it locked yet
+        units = caches[0].units
+        assert units.pinned == SMALL.topk and units.capacity > 5000 // SMALL.block_size  # the rows kept
+        kept = units.pinned
+        with torch.no_grad():
+            logits = prefill(model, caches, ids, 300, forward=fixed, room=8)
+            new = decode(model, caches, logits, 8, forward=fixed)
+        torch.cuda.synchronize()
+        runs.append((logits, new, memory_stats(caches), units.pinned, len(units.locked[0]), kept))
+        assert units.host_k.is_pinned() and units.count > 20
+    (a, new_a, stats_a, pinned_a, spans_a, kept_a), (b, new_b, stats_b, pinned_b, spans_b, _) = runs
+    assert (a - b).abs().max() < 1e-5 and new_a == new_b and stats_a == stats_b
+    need = (900 + 8) // SMALL.block_size + 1
+    assert need <= pinned_a < pinned_b == caches[0].units.host_k.shape[0] and spans_b <= 2
+    assert spans_a > 10 and pinned_a > kept_a
+
+
 # Property tests of the fused kernels on fresh random inputs (hypothesis), in bf16 against the plain path
 # in float64 on the same (rounded) inputs. Each FlexAttention shape costs a compilation, so the shapes come
 # from a short list and the values are new every example: a steady prefill piece, a ragged last piece and a

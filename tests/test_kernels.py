@@ -168,3 +168,23 @@ def test_select_units_picks_the_best(n, topk, real, seed):
     others = [i for i in range(n) if i not in chosen]
     if others:
         assert min(scores[chosen]) >= max(scores[others])
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.integers(4096, 1 << 40), row_bytes=st.integers(1, 70000), rows=st.integers(1, 400),
+       cuts=st.lists(st.integers(1, 399), max_size=12))
+def test_lock_spans_cover_the_rows_and_share_no_page(base, row_bytes, rows, cuts):
+    """Host storage page-locked in slices of rows (MemoryUnits.pin): the spans registered one after the
+    other tile the storage exactly, never share a page (a second registration of a page fails), and once
+    rows [0, r) are locked every byte of them lies in a registered span."""
+    page = kernels.PAGE
+    bounds = [0] + sorted({c for c in cuts if c < rows}) + [rows]
+    spans = [kernels.lock_span(base, row_bytes, rows, r0, r1) for r0, r1 in zip(bounds, bounds[1:])]
+    spans = [(s, e) for s, e in spans if e > s]  # lock_rows registers nothing for an empty span
+    assert spans[0][0] == base and spans[-1][1] == base + rows * row_bytes
+    for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+        assert e0 == s1 and s1 % page == 0  # contiguous, each cut on a page boundary
+        assert (e0 - 1) // page < s1 // page  # so no page in both
+    for r in bounds[1:]:
+        locked_to = max(e for s, e in spans if s < base + r * row_bytes) if r else base
+        assert locked_to >= base + r * row_bytes
