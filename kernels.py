@@ -340,15 +340,16 @@ def pinned_empty(shape, dtype):
     """Page-locked host memory of exactly this size. torch's pinned allocator rounds every block up to a
     power of two and keeps freed blocks for reuse, so 1.07 GB of units would hold 2 GB, and the storage
     of an earlier, shorter prompt would stay: at 1M tokens that doubles the host memory. Registering an
-    ordinary allocation (cudaHostRegister, mapped for the GPU) costs exactly its size."""
+    ordinary allocation (cudaHostRegister, mapped for the GPU) costs exactly its size. Locked whole at once;
+    the unit storage is locked a slice at a time instead (lockable_empty, MemoryUnits.pin)."""
     t, locked = lockable_empty(shape, dtype)
     lock_rows(t, 0, t.shape[0], locked)
     return t
 
 
 def lockable_empty(shape, dtype):
-    """Host memory that lock_rows page-locks later, a slice of rows at a time, and the list of the
-    addresses it registers (released with the tensor)."""
+    """Host memory that lock_rows page-locks later, a slice of rows at a time (an ordinary allocation, for
+    the reason pinned_empty gives), and the list of the addresses it registers (released with the tensor)."""
     t, locked = torch.empty(shape, dtype=dtype), []
     weakref.finalize(t, _unlock, torch.cuda.cudart(), locked)
     return t, locked
