@@ -740,4 +740,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written and flushed; what the interpreter would still do (free every module, the CUDA
+    # context, gigabytes of page-locked unit storage) costs 0.7 s on an H200 and helps no one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

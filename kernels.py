@@ -215,9 +215,9 @@ def chunk_attention_triton(q_local, k_local, v_local, mask_local, q_mem, k_mem, 
     Unlike chunk_attention_fused it copies no keys or values per query head, builds no additive mask, and
     skips a tile of keys that no query of a block sees after reading its mask. The local column sums come
     from local_column_sums with the kernel's log-sum-exp. Same results as chunk_attention up to the rounding
-    of the probabilities to the input dtype (bf16) before they weigh the values. A decoding step, a CPU or
-    float64 take the blocked kernel, as in chunk_attention_fused."""
-    if not q_local.is_cuda or q_local.shape[1] == 1 or q_local.dtype == torch.float64:
+    of the probabilities to the input dtype (bf16) before they weigh the values. A decoding step takes it too,
+    its keys split over many programs; a CPU or float64 take the blocked kernel."""
+    if not q_local.is_cuda or q_local.dtype == torch.float64:
         return chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
     out, lse = _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
     return out, local_column_sums(q_local, k_local, lse, mask_local)
@@ -313,26 +313,42 @@ def _column_sums_cuda(q, k, lse, mask):
     return out
 
 
-# Tiles of the two-part attention, BM queries x BN keys: the usual flash-attention forward tile for head_dim 64-128,
-# not tuned (a 512-query piece of 9 heads makes 72 programs, fewer than an H200's 132 SMs; the wavefront runs
-# every layer's at once).
-# Fixed, not autotuned: autotuning would cost time in every fresh process.
-TWO_PART_CONFIG = dict(BM=64, BN=64, num_warps=4, num_stages=2)
+# Tiles of the two-part attention, BM rows (query head, query) x BN keys. For a prefill piece BN = 128 took the
+# kernel from 247 to 166 us (SmolLM2) and from 292 to 227 us (mistral-7b) on an H200 against BN = 64, the best
+# of 60 configurations tried (docs/benchmarks.md); a few rows (a decoding step: one query per head of a group)
+# take the smallest tile tl.dot allows. Fixed, not autotuned: autotuning would cost time in every fresh process.
+TWO_PART_CONFIG = dict(BM=64, BN=128, num_warps=4, num_stages=2)
+TWO_PART_CONFIG_FEW = dict(BM=16, BN=64, num_warps=4, num_stages=2)
+# A launch of fewer programs than this splits the keys into up to 32 ranges, one program each, merged after by
+# their log-sum-exps (flash-decoding): a decoding step has one program per key head otherwise, each walking
+# all ~7K keys alone while the rest of the GPU idles.
+SPLIT_BELOW = 128
 
 
 def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
-    """The launch of _two_part_attention_kernel, one program per block of queries and query head: the output
-    [Hq, T, D] in the input dtype and the natural-log log-sum-exp over both parts [Hq, T] fp32 (-inf for a
-    query that sees no key, whose output is 0). Sizes only from shapes, no host sync: it replays in CUDA graphs."""
-    (Hq, T, D), L, M = q_local.shape, k_local.shape[1], k_mem.shape[1]
+    """The launch of _two_part_attention_kernel: the output [Hq, T, D] in the input dtype and the natural-log
+    log-sum-exp over both parts [Hq, T] fp32 (-inf for a query that sees no key, whose output is 0). A program
+    takes BM rows of one key head's group (its query heads' queries, so each key is read once for all of
+    them) and one range of its keys. Sizes only from shapes, no host sync: it replays in CUDA graphs."""
+    (Hq, T, D), (Hkv, L), M = q_local.shape, k_local.shape[:2], k_mem.shape[1]
+    G = Hq // Hkv
+    config = TWO_PART_CONFIG_FEW if G * T <= TWO_PART_CONFIG_FEW["BM"] else TWO_PART_CONFIG
+    BN = config["BN"]
+    blocks = -(-G * T // config["BM"])
+    split = max(1, min(32, SPLIT_BELOW // (blocks * Hkv)))
+    step = lambda n: -(-n // (split * BN)) * BN  # keys of a part per range, whole tiles  # noqa: E731
     out = torch.empty(Hq, T, D, dtype=q_local.dtype, device=q_local.device)
     lse = torch.empty(Hq, T, dtype=torch.float32, device=q_local.device)
-    config = TWO_PART_CONFIG
+    part = (torch.empty(split, Hq, T, device=q_local.device), torch.empty(split, Hq, T, device=q_local.device),
+            torch.empty(split, Hq, T, D, device=q_local.device)) if split > 1 else (lse, lse, out)
     args = (x.contiguous() for x in (q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem))
-    _two_part_attention_kernel[(-(-T // config["BM"]), Hq)](
-        *args, out, lse, T, L, M, D, Hq // k_local.shape[0],
-        SCALE_LOG2=1.4426950408889634 / math.sqrt(D), BD=max(16, 1 << (D - 1).bit_length()),
+    BD = max(16, 1 << (D - 1).bit_length())
+    _two_part_attention_kernel[(blocks, Hkv, split)](
+        *args, out, lse, *part, T, L, M, D, G, step(L), step(M),
+        SCALE_LOG2=1.4426950408889634 / math.sqrt(D), BD=BD, SPLIT=split,
         PRECISION="ieee" if q_local.dtype == torch.float32 else "tf32", **config)
+    if split > 1:
+        _merge_ranges_kernel[(-(-Hq * T // 16),)](*part, out, lse, Hq * T, D, SPLIT=split, BR=16, BD=BD)
     return out, lse
 
 
@@ -507,13 +523,14 @@ if triton is not None:
         tl.store(out + h * L + i, tl.sum(acc, axis=0), mask=i < L)
 
     @triton.jit
-    def _attend_keys(query, k, v, mask, n, t, d, T, D, m_i, l_i, acc, SCALE_LOG2: tl.constexpr, BN: tl.constexpr,
-                     PRECISION: tl.constexpr):
-        """Adds n keys (k, v: one key head's [n, D], mask [T, n]) to the online softmax of the queries t:
-        running max m_i and sum l_i of the logits in log2 units, output acc not yet divided by l_i."""
-        for start in range(0, n, BN):
-            i = start + tl.arange(0, BN)
-            seen = tl.load(mask + t[:, None] * n + i[None, :], mask=(t[:, None] < T) & (i[None, :] < n), other=False)
+    def _attend_keys(query, k, v, mask, n, lo, span, t, ok, d, D, m_i, l_i, acc, SCALE_LOG2: tl.constexpr,
+                     BN: tl.constexpr, PRECISION: tl.constexpr):
+        """Adds the keys [lo, lo + span) of a part (k, v: one key head's [n, D], mask [T, n]; span a whole number
+        of tiles) to the online softmax of the rows ok whose queries are t: running max m_i and sum l_i of the
+        logits in log2 units, output acc not yet divided by l_i."""
+        for start in range(0, span, BN):
+            i = lo + start + tl.arange(0, BN)
+            seen = tl.load(mask + t[:, None] * n + i[None, :], mask=ok[:, None] & (i[None, :] < n), other=False)
             if tl.max(seen.to(tl.int32)) > 0:  # masks are arbitrary (a ring buffer): a tile nobody sees is skipped
                 rows = (i[:, None] < n) & (d[None, :] < D)
                 key = tl.load(k + i[:, None] * D + d[None, :], mask=rows, other=0.0)
@@ -531,26 +548,60 @@ if triton is not None:
 
     @triton.jit
     def _two_part_attention_kernel(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem, out, lse,
-                                   T, L, M, D, G, SCALE_LOG2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                   BD: tl.constexpr, PRECISION: tl.constexpr):
-        """out[h, t] and lse[h, t] for BM queries t of query head h: the local keys, then the memory keys,
-        in one softmax (exp2, the scale folded into log2 units), each part dotted with its own queries."""
-        qb, h = tl.program_id(0), tl.program_id(1)
-        t = qb * BM + tl.arange(0, BM)
+                                   part_m, part_l, part_acc, T, L, M, D, G, STEP_L, STEP_M,
+                                   SCALE_LOG2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                                   SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+        """For BM rows of key head hk's group (row r: query head hk * G + r // T, query r % T) and key range j:
+        the local keys, then the memory keys, in one online softmax (exp2, the scale folded into log2 units),
+        each part dotted with its own queries. One range (SPLIT = 1): out and lse. Several: each range's
+        running max, sum and unnormalised output, for _merge_ranges_kernel."""
+        rb, hk, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        r = rb * BM + tl.arange(0, BM)
+        ok = r < G * T
+        h, t = hk * G + r // T, r % T
         d = tl.arange(0, BD)
-        at, inside = h * T * D + t[:, None] * D + d[None, :], (t[:, None] < T) & (d[None, :] < D)
+        at, inside = h[:, None] * T * D + t[:, None] * D + d[None, :], ok[:, None] & (d[None, :] < D)
         m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, BD], dtype=tl.float32)
         query = tl.load(q_local + at, mask=inside, other=0.0)
-        m_i, l_i, acc = _attend_keys(query, k_local + (h // G) * L * D, v_local + (h // G) * L * D, mask_local, L,
-                                     t, d, T, D, m_i, l_i, acc, SCALE_LOG2, BN, PRECISION)
+        m_i, l_i, acc = _attend_keys(query, k_local + hk * L * D, v_local + hk * L * D, mask_local, L, j * STEP_L,
+                                     STEP_L, t, ok, d, D, m_i, l_i, acc, SCALE_LOG2, BN,
+                                     PRECISION)
         query = tl.load(q_mem + at, mask=inside, other=0.0)
-        m_i, l_i, acc = _attend_keys(query, k_mem + (h // G) * M * D, v_mem + (h // G) * M * D, mask_mem, M,
-                                     t, d, T, D, m_i, l_i, acc, SCALE_LOG2, BN, PRECISION)
-        # A query that saw nothing has l_i = 0: output 0 and lse -inf (log2(0) = -inf), no NaN.
-        tl.store(out + at, (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty), mask=inside)
-        tl.store(lse + h * T + t, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=t < T)  # log2 -> natural
+        m_i, l_i, acc = _attend_keys(query, k_mem + hk * M * D, v_mem + hk * M * D, mask_mem, M, j * STEP_M,
+                                     STEP_M, t, ok, d, D, m_i, l_i, acc, SCALE_LOG2, BN,
+                                     PRECISION)
+        if SPLIT == 1:
+            # A query that saw nothing has l_i = 0: output 0 and lse -inf (log2(0) = -inf), no NaN.
+            tl.store(out + at, (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty), mask=inside)
+            tl.store(lse + h * T + t, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=ok)  # log2 -> natural
+        else:
+            HT = G * T * tl.num_programs(1)  # rows of all heads
+            tl.store(part_m + j * HT + h * T + t, m_i, mask=ok)
+            tl.store(part_l + j * HT + h * T + t, l_i, mask=ok)
+            tl.store(part_acc + j * HT * D + at, acc, mask=inside)
+
+    @triton.jit
+    def _merge_ranges_kernel(part_m, part_l, part_acc, out, lse, R, D, SPLIT: tl.constexpr, BR: tl.constexpr,
+                             BD: tl.constexpr):
+        """out and lse of BR rows (of all R = Hq * T) from the SPLIT key ranges' partial softmaxes."""
+        r = tl.program_id(0) * BR + tl.arange(0, BR)
+        d = tl.arange(0, BD)
+        ok, inside = r < R, (r[:, None] < R) & (d[None, :] < D)
+        m = tl.full([BR], float("-inf"), dtype=tl.float32)
+        for j in tl.static_range(SPLIT):
+            m = tl.maximum(m, tl.load(part_m + j * R + r, mask=ok, other=float("-inf")))
+        m_use = tl.where(m == float("-inf"), 0.0, m)  # no range saw a key: every weight below is 0
+        l_i = tl.zeros([BR], dtype=tl.float32)
+        acc = tl.zeros([BR, BD], dtype=tl.float32)
+        for j in tl.static_range(SPLIT):
+            w = tl.exp2(tl.load(part_m + j * R + r, mask=ok, other=float("-inf")) - m_use)
+            l_i += w * tl.load(part_l + j * R + r, mask=ok, other=0.0)
+            acc += w[:, None] * tl.load(part_acc + j * R * D + r[:, None] * D + d[None, :], mask=inside, other=0.0)
+        tl.store(out + r[:, None] * D + d[None, :], (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty),
+                 mask=inside)
+        tl.store(lse + r, (m + tl.log2(l_i)) * 0.6931471805599453, mask=ok)
 
     @triton.jit
     def _gather_kernel(src_addr, rows, dst, dst_rows, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):

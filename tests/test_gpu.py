@@ -237,12 +237,20 @@ def test_fused_eager_attention_equals_plain(shape, pos, held, padding, seed):
     assert torch.allclose(col.double(), ref_col.double(), atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("shape", FLEX_SHAPES, ids=lambda s: f"T{s['T']}-N{s['N']}-D{s['D']}-G{s['group']}")
+# Beside FLEX_SHAPES, the kernel's own cases: decoding steps of SmolLM2 and mistral-7b (keys split into ranges,
+# merged after) and a mistral-7b piece (one range).
+TRITON_SHAPES = FLEX_SHAPES + [dict(n_kv=3, group=3, T=1, N=4096, units=16, D=64),
+                               dict(n_kv=8, group=4, T=1, N=4096, units=16, D=128),
+                               dict(n_kv=8, group=4, T=512, N=1024, units=2, D=128)]
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: f"T{s['T']}-N{s['N']}-D{s['D']}-G{s['group']}-H{s['n_kv']}")
 @settings(max_examples=3, deadline=None)
 @given(st.integers(0, 2000), st.integers(0, 128), st.integers(0, 20), st.integers(0, 2**16))
 def test_triton_attention_equals_plain(shape, pos, held, padding, seed):
-    """The Triton kernel (both parts in one online softmax, unseen key tiles skipped) against the float64
-    plain path, padding queries as above; and its log-sum-exp, -inf where a query sees nothing."""
+    """The Triton kernel (both parts in one online softmax, unseen key tiles skipped; with few queries the keys
+    split into ranges whose partial softmaxes are merged) against the float64 plain path, padding queries as
+    above; and its log-sum-exp, -inf where a query sees nothing."""
     import kernels
     args = list(window_case(dict(shape, pos=pos, held=held, seed=seed), dtype=torch.bfloat16, device="cuda", D=shape["D"]))
     real = torch.arange(shape["T"], device="cuda") < shape["T"] - min(padding, shape["T"] - 1)
