@@ -315,7 +315,7 @@ def _column_sums_cuda(q, k, lse, mask):
 
 # Tiles of the two-part attention, BM rows (query head, query) x BN keys. For a prefill piece BN = 128 took the
 # kernel from 247 to 166 us (SmolLM2) and from 292 to 227 us (mistral-7b) on an H200 against BN = 64, the best
-# of 60 configurations tried (docs/benchmarks.md); a few rows (a decoding step: one query per head of a group)
+# of 54 and 32 configurations tried (docs/benchmarks.md); a few rows (a decoding step: one query per head of a group)
 # take the smallest tile tl.dot allows. Fixed, not autotuned: autotuning would cost time in every fresh process.
 TWO_PART_CONFIG = dict(BM=64, BN=128, num_warps=4, num_stages=2)
 TWO_PART_CONFIG_FEW = dict(BM=16, BN=64, num_warps=4, num_stages=2)
