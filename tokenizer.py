@@ -6,6 +6,7 @@ Three formats, one interface (`Tokenizer`):
   tokenizer.model  tiktoken rank file (Llama-3 original/)               -> tiktoken
 """
 import base64
+import functools
 import heapq
 import json
 import re
@@ -151,12 +152,18 @@ class BPETokenizer(Tokenizer):
         self._split_specials = _specials_regex(self.specials)
         self.normalize = _normalizer(cfg.get("normalizer"), path)
         self.steps = _pre_tokenizer_steps(cfg.get("pre_tokenizer"), path)
-        self.id_bytes = {i: self._piece_bytes(p) for p, i in self.vocab.items()}
-        self.id_bytes.update({i: s.encode() for s, i in self.specials.items()})  # specials decode as their text
-        self.vocab_size = max(self.id_bytes) + 1
+        self.vocab_size = max([*self.vocab.values(), *self.specials.values()]) + 1
         self.bos_id = _template_bos(cfg.get("post_processor"))
         self.eos_ids = []
         self.cache: dict[str, list[int]] = {}
+
+    @functools.cached_property
+    def id_bytes(self) -> dict[int, bytes]:
+        """Each id's bytes, for decoding: made on the first decode, not at load (half of a 49K vocabulary's
+        loading time, which every process would pay before its prompt is read)."""
+        table = {i: self._piece_bytes(p) for p, i in self.vocab.items()}
+        table.update({i: s.encode() for s, i in self.specials.items()})  # specials decode as their text
+        return table
 
     @staticmethod
     def _piece_bytes(piece: str) -> bytes:
