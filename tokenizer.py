@@ -158,12 +158,10 @@ class BPETokenizer(Tokenizer):
         self.cache: dict[str, list[int]] = {}
 
     @functools.cached_property
-    def id_bytes(self) -> dict[int, bytes]:
-        """Each id's bytes, for decoding: made on the first decode, not at load (half of a 49K vocabulary's
-        loading time, which every process would pay before its prompt is read)."""
-        table = {i: self._piece_bytes(p) for p, i in self.vocab.items()}
-        table.update({i: s.encode() for s, i in self.specials.items()})  # specials decode as their text
-        return table
+    def pieces(self) -> dict[int, str]:
+        """id -> piece, made on the first decode: a decode converts only the ids it meets to bytes, so no
+        process pays for a table of every token's bytes (half of a 49K vocabulary's loading time)."""
+        return {i: p for p, i in self.vocab.items()}
 
     @staticmethod
     def _piece_bytes(piece: str) -> bytes:
@@ -228,8 +226,12 @@ class BPETokenizer(Tokenizer):
         return [self.vocab[p] for p in parts if p is not None]
 
     def decode(self, ids: list[int]) -> str:
-        # Join bytes before decoding: a character may span tokens. Ids past the vocab (padded embeddings) are dropped.
-        return b"".join(self.id_bytes.get(i, b"") for i in ids).decode("utf-8", errors="replace")
+        # Join bytes before decoding: a character may span tokens.
+        # Added tokens decode as their text; ids past the vocab (padded embeddings) are dropped.
+        special = {i: t for t, i in self.specials.items()}
+        data = (special[i].encode() if i in special else self._piece_bytes(self.pieces[i]) if i in self.pieces else b""
+                for i in ids)
+        return b"".join(data).decode("utf-8", errors="replace")
 
     def token_id(self, piece: str) -> int | None:
         return self.specials.get(piece, self.vocab.get(piece))
