@@ -335,12 +335,13 @@ def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_m
     config = TWO_PART_CONFIG_FEW if G * T <= TWO_PART_CONFIG_FEW["BM"] else TWO_PART_CONFIG
     BN = config["BN"]
     blocks = -(-G * T // config["BM"])
-    split = max(1, min(32, SPLIT_BELOW // (blocks * Hkv)))
+    split = max(1, min(32, SPLIT_BELOW // max(1, blocks * Hkv)))
     step = lambda n: -(-n // (split * BN)) * BN  # keys of a part per range, whole tiles  # noqa: E731
     out = torch.empty(Hq, T, D, dtype=q_local.dtype, device=q_local.device)
     lse = torch.empty(Hq, T, dtype=torch.float32, device=q_local.device)
-    part = (torch.empty(split, Hq, T, device=q_local.device), torch.empty(split, Hq, T, device=q_local.device),
-            torch.empty(split, Hq, T, D, device=q_local.device)) if split > 1 else (lse, lse, out)
+    f32 = dict(dtype=torch.float32, device=q_local.device)  # each range's running max, sum and output
+    part = (torch.empty(split, Hq, T, **f32), torch.empty(split, Hq, T, **f32),
+            torch.empty(split, Hq, T, D, **f32)) if split > 1 else (lse, lse, out)
     args = (x.contiguous() for x in (q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem))
     BD = max(16, 1 << (D - 1).bit_length())
     _two_part_attention_kernel[(blocks, Hkv, split)](
