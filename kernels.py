@@ -5,9 +5,9 @@ which every faster path is tested against. Shapes are per sequence (batch 1): qu
 keys and values [Hkv, L, D] with Hq a multiple of Hkv (grouped-query attention: query head h reads
 key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
 
-The fast paths: chunk_attention_blocked (CPU, and a decoding step on a GPU), chunk_attention_triton (a prefill
-piece on an eager GPU; chunk_attention_fused before it, kept for comparison), and on a GPU under torch.compile the FlexAttention
-pair flex_local_part / flex_memory_part; the GPU paths take their local column sums from the Triton
+The fast paths: chunk_attention_blocked (CPU), chunk_attention_triton (a prefill piece or a decoding step on an
+eager GPU; chunk_attention_fused before it, kept for comparison), and on a GPU under torch.compile the
+FlexAttention pair flex_local_part / flex_memory_part; the GPU paths take their local column sums from the Triton
 local_column_sums. At the end, the Triton kernels and the copies between pinned host memory and the
 GPU that ContextMemory's unit storage uses.
 """

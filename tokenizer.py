@@ -149,6 +149,7 @@ class BPETokenizer(Tokenizer):
         self.unk = model.get("unk_token")
         # All added tokens are cut out of the text before BPE (as `tokenizers` does), special or not.
         self.specials = {t["content"]: t["id"] for t in cfg.get("added_tokens", [])}
+        self.special_text = {i: s for s, i in self.specials.items()}  # they decode as their text
         self._split_specials = _specials_regex(self.specials)
         self.normalize = _normalizer(cfg.get("normalizer"), path)
         self.steps = _pre_tokenizer_steps(cfg.get("pre_tokenizer"), path)
@@ -226,11 +227,9 @@ class BPETokenizer(Tokenizer):
         return [self.vocab[p] for p in parts if p is not None]
 
     def decode(self, ids: list[int]) -> str:
-        # Join bytes before decoding: a character may span tokens.
-        # Added tokens decode as their text; ids past the vocab (padded embeddings) are dropped.
-        special = {i: t for t, i in self.specials.items()}
-        data = (special[i].encode() if i in special else self._piece_bytes(self.pieces[i]) if i in self.pieces else b""
-                for i in ids)
+        # Join bytes before decoding: a character may span tokens. Ids past the vocab (padded embeddings) are dropped.
+        special, pieces = self.special_text, self.pieces
+        data = (special[i].encode() if i in special else self._piece_bytes(pieces[i]) if i in pieces else b"" for i in ids)
         return b"".join(data).decode("utf-8", errors="replace")
 
     def token_id(self, piece: str) -> int | None:
