@@ -353,6 +353,31 @@ def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_m
     return out, lse
 
 
+def rope_angles(pos, inv_freq, dtype):
+    """model.Rotary.angles on an eager GPU in one kernel (instead of some 14): cos and sin of positions pos [T],
+    each [T, head_dim] in dtype, the angle in float64 reduced to one turn, then float32, as Rotary.angles has it."""
+    T, half = pos.shape[0], inv_freq.shape[0]
+    cos = torch.empty(T, 2 * half, dtype=dtype, device=pos.device)
+    sin = torch.empty_like(cos)
+    BT = 32  # positions per program
+    _rope_angles_kernel[(-(-T // BT),)](pos, inv_freq, cos, sin, T, half, BT=BT, BH=triton.next_power_of_2(half))
+    return cos, sin
+
+
+def rotate(x, cos, sin):
+    """model.Rotary.forward on an eager GPU in one kernel (instead of 5): x [H, T, D] (any strides) rotated by cos
+    and sin [T or 1, D] (both halves equal), in float32 and rounded once to x's dtype (PyTorch's operations round
+    three times). Returns a contiguous [H, T, D]."""
+    H, T, D = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(H, T, D, dtype=x.dtype, device=x.device)
+    BT = 32  # positions per program
+    row = cos.stride(0) if cos.shape[0] > 1 else 0  # one position for every query (memory's): broadcast
+    _rotate_kernel[(H, -(-T // BT))](x, cos, sin, out, T, D // 2, x.stride(0), x.stride(1), row, BT=BT,
+                                     BH=triton.next_power_of_2(D // 2))
+    return out
+
+
 def pinned_empty(shape, dtype):
     """Page-locked host memory of exactly this size. torch's pinned allocator rounds every block up to a
     power of two and keeps freed blocks for reuse, so 1.07 GB of units would hold 2 GB, and the storage
@@ -603,6 +628,39 @@ if triton is not None:
         tl.store(out + r[:, None] * D + d[None, :], (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty),
                  mask=inside)
         tl.store(lse + r, (m + tl.log2(l_i)) * 0.6931471805599453, mask=ok)
+
+    @triton.jit
+    def _rope_angles_kernel(pos, inv_freq, cos, sin, T, HALF, BT: tl.constexpr, BH: tl.constexpr):
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        i = tl.arange(0, BH)
+        ok = (t[:, None] < T) & (i[None, :] < HALF)
+        p = tl.load(pos + t, mask=t < T, other=0).to(tl.float64)
+        f = tl.load(inv_freq + i, mask=i < HALF, other=0.0).to(tl.float64) / 6.283185307179586
+        turns = p[:, None] * f[None, :]
+        # In [-pi, pi): the range where the GPU's fast float32 cosine and sine are most accurate.
+        a = ((turns - tl.floor(turns + 0.5)) * 6.283185307179586).to(tl.float32)
+        at = t[:, None] * (2 * HALF) + i[None, :]
+        c, s = tl.cos(a).to(cos.dtype.element_ty), tl.sin(a).to(sin.dtype.element_ty)
+        tl.store(cos + at, c, mask=ok)
+        tl.store(cos + at + HALF, c, mask=ok)
+        tl.store(sin + at, s, mask=ok)
+        tl.store(sin + at + HALF, s, mask=ok)
+
+
+    @triton.jit
+    def _rotate_kernel(x, cos, sin, out, T, HALF, SXH, SXT, ROW, BT: tl.constexpr, BH: tl.constexpr):
+        h, t = tl.program_id(0), tl.program_id(1) * BT + tl.arange(0, BT)
+        i = tl.arange(0, BH)
+        ok = (t[:, None] < T) & (i[None, :] < HALF)
+        src = x + h * SXH + t[:, None] * SXT + i[None, :]
+        x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
+        a = t[:, None] * ROW + i[None, :]
+        c = tl.load(cos + a, mask=ok, other=0.0).to(tl.float32)
+        s = tl.load(sin + a, mask=ok, other=0.0).to(tl.float32)
+        dst = out + h * T * 2 * HALF + t[:, None] * 2 * HALF + i[None, :]
+        tl.store(dst, (x1 * c - x2 * s).to(out.dtype.element_ty), mask=ok)
+        tl.store(dst + HALF, (x2 * c + x1 * s).to(out.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _gather_kernel(src_addr, rows, dst, dst_rows, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):

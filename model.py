@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 
 class CheckpointError(ValueError):
     """A problem with the checkpoint folder; the message is one sentence for the user."""
@@ -130,6 +132,8 @@ class Rotary(nn.Module):
     def angles(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of positions pos [T], each [T, head_dim] in dtype: computed once for every tensor
         rotated to the same positions (a piece's queries and keys; memory's one fixed position)."""
+        if _fused_rope(pos, dtype):
+            return kernels.rope_angles(pos, self.inv_freq, dtype)
         acc = torch.promote_types(dtype, torch.float32)
         # Angles in float64, reduced to one turn: InfLLM's window keys sit at their absolute positions, and
         # at position 1M a float32 angle is off by up to 0.03 rad. Counted in turns and reduced by floor, not
@@ -142,8 +146,17 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, angles=None) -> torch.Tensor:
         """Rotate x [..., T, head_dim] to positions pos [T], or by their angles (Hugging Face's half-split layout)."""
         cos, sin = self.angles(pos, x.dtype) if angles is None else angles
+        if _fused_rope(x, x.dtype):
+            return kernels.rotate(x.flatten(0, -3), cos, sin).view(x.shape)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _fused_rope(t: torch.Tensor, dtype) -> bool:
+    """Rotations on an eager GPU run as one Triton kernel each (kernels.rotate, kernels.rope_angles): in
+    PyTorch operations they took some 30 kernels per layer and piece, each covering the GPU. Compiled,
+    inductor fuses the PyTorch operations itself; float64 (the tests' oracle) stays in PyTorch."""
+    return t.is_cuda and dtype != torch.float64 and not torch.compiler.is_compiling()
 
 
 class RMSNorm(nn.Module):

@@ -267,6 +267,32 @@ def test_triton_attention_equals_plain(shape, pos, held, padding, seed):
     assert torch.allclose(lse[:, real].double(), ref_lse[:, real], atol=1e-3, rtol=1e-3)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([16, 64, 128]), st.sampled_from([1e4, 1e5, 5e5, 1e6]), st.integers(1, 600), st.integers(0, 2**21),
+       st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
+def test_rotations_on_the_gpu_equal_float64(D, base, T, start, dtype, seed):
+    """The rotary angles and rotations of an eager GPU (one Triton kernel each) against PyTorch's float64: at
+    positions up to 2M (angles reduced to one turn in float64), for a piece's queries as the projections lay them
+    out ([1, H, T, D], transposed) and for one position shared by every query (the memory part's)."""
+    from model import Rotary
+    r = Rotary(ModelArgs(vocab_size=8, dim=D, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8, head_dim=D, rope_base=base))
+    g = torch.Generator().manual_seed(seed)
+    pos = start + torch.randperm(4 * T, generator=g)[:T]
+    x = torch.randn(1, T, 3, D, generator=g).to(dtype).transpose(1, 2)
+    cos, sin = r.to("cuda").angles(pos.cuda(), dtype)
+    ref_cos, ref_sin = r.cpu().angles(pos, torch.float64)
+    tol = 2e-6 if dtype == torch.float32 else 8e-3  # float32 angles; bf16: one rounding of cos and sin
+    assert torch.allclose(cos.double().cpu(), ref_cos, atol=tol) and torch.allclose(sin.double().cpu(), ref_sin, atol=tol)
+    got = r.cuda()(x.cuda(), angles=(cos, sin))
+    ref = r.cpu()(x.double(), angles=(cos.double().cpu(), sin.double().cpu()))
+    assert got.shape == x.shape and got.dtype == dtype
+    assert torch.allclose(got.double().cpu(), ref, atol=2 * tol, rtol=2 * tol)
+    one = (cos[:1], sin[:1])
+    got = r.cuda()(x[0].cuda(), angles=one)
+    ref = r.cpu()(x[0].double(), angles=tuple(a.double().cpu() for a in one))
+    assert torch.allclose(got.double().cpu(), ref, atol=2 * tol, rtol=2 * tol)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 300), st.integers(1, 700), st.sampled_from([16, 64, 128]), st.sampled_from([1, 4]),
        st.sampled_from([torch.float32, torch.bfloat16]), st.sampled_from(["random", "band"]), st.integers(0, 2**16))
