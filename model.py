@@ -147,7 +147,7 @@ class Rotary(nn.Module):
         """Rotate x [..., T, head_dim] to positions pos [T], or by their angles (Hugging Face's half-split layout)."""
         cos, sin = self.angles(pos, x.dtype) if angles is None else angles
         if _fused_rope(x, x.dtype):
-            return kernels.rotate(x.flatten(0, -3), cos, sin).view(x.shape)
+            return kernels.rotate(x.reshape(-1, *x.shape[-2:]), cos, sin).view(x.shape)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
