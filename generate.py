@@ -171,6 +171,8 @@ class FixedShapes:
             m = self.model
             x = m.embed_tokens.weight.new_zeros(n_layers, P, m.args.dim)
             dev = x.device
+            # Default priority (the unit loaders take high priority: infllm.MemoryUnits). The pool holds 32
+            # streams per priority, so beyond 32 layers two layers share one and run one after the other.
             streams = [torch.cuda.Stream(dev) for _ in range(n_layers)] if dev.type == "cuda" else None
             self.wave = (x, torch.zeros_like(x), torch.zeros(n_layers, dtype=torch.long, device=dev), streams)
         held = self.wave[2]  # real tokens of the piece at each layer's input

@@ -144,6 +144,20 @@ def test_wavefront_on_streams_equals_pieces_in_order(kernel):
     assert stats_a["misses"] > 0
 
 
+def test_wavefront_and_unit_loads_have_streams_of_their_own():
+    """Each layer's wavefront stream and unit loader is a CUDA stream of its own. PyTorch hands out streams
+    round-robin from a pool of 32 per priority: with the loaders at the same priority as the wavefront, 30
+    layers' 60 streams shared 32, and layers waited on each other (half the wavefront's speed)."""
+    from generate import FixedShapes, prefill
+    args = ModelArgs(vocab_size=211, dim=64, n_layers=30, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128)
+    model = random_model(args, device="cuda", dtype=torch.bfloat16)
+    caches = make_caches(model, "infllm", SMALL, "triton")
+    fixed = FixedShapes(model, caches, graphs=False)
+    prefill(model, caches, [i % args.vocab_size for i in range(16 * 32)], SMALL.chunk_size, forward=fixed)
+    streams = fixed.wave[3] + [c.units.loader for c in caches]
+    assert len(streams) == 60 and len({s.cuda_stream for s in streams}) == 60
+
+
 def test_pinned_storage_is_mapped_for_the_gpu():
     import kernels
     src = kernels.pinned_empty((7, 2, 4, 3), torch.bfloat16)
