@@ -221,10 +221,11 @@ def synced_clock(device) -> float:
     return time.perf_counter()
 
 
-# Not by default: on an H200 (docs/benchmarks.md, 2026-11-27) a fresh process answered SmolLM2 prompts of
-# 32K and 128K as fast or faster without compiling (eager kernels replayed from CUDA graphs), and compiling
-# with an empty cache cost 2 minutes more. --compile pays off from a few hundred K tokens on a machine
-# that keeps its compile cache (960K: 53 s against 117 s).
+# Not by default: on an H200 (docs/benchmarks.md, 2026-11-28) a fresh eager process answers SmolLM2 prompts
+# of 128K and 983K tokens in 7.6 and 19 s, a compiled one with a warm compile cache in 29 and 50 s (tracing
+# and loading its programs), and the eager wavefront reads as fast as the compiled one. --compile pays off
+# only for a larger model's steady state over many prompts in one process (mistral-7b: 19.3K tokens/s
+# against 14.5K, decoding 68 against 41).
 COMPILE_ON_GPU = False
 
 
