@@ -8,8 +8,9 @@ key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
 The fast paths: chunk_attention_blocked (CPU), chunk_attention_triton (a prefill piece or a decoding step on an
 eager GPU; chunk_attention_fused before it, kept for comparison), and on a GPU under torch.compile the
 FlexAttention pair flex_local_part / flex_memory_part; the GPU paths take their local column sums from the Triton
-local_column_sums. At the end, the Triton kernels and the copies between pinned host memory and the
-GPU that ContextMemory's unit storage uses.
+local_column_sums. Then the rotary angles and rotations of an eager GPU (rope_angles, rotate), the page-locked
+host storage, and at the end the Triton kernels and the copies between pinned host memory and the GPU that
+ContextMemory's unit storage uses.
 """
 import functools
 import math
@@ -645,7 +646,6 @@ if triton is not None:
         tl.store(cos + at + HALF, c, mask=ok)
         tl.store(sin + at, s, mask=ok)
         tl.store(sin + at + HALF, s, mask=ok)
-
 
     @triton.jit
     def _rotate_kernel(x, cos, sin, out, T, HALF, SXH, SXT, ROW, BT: tl.constexpr, BH: tl.constexpr):

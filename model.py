@@ -156,7 +156,7 @@ def _fused_rope(t: torch.Tensor, dtype) -> bool:
     """Rotations on an eager GPU run as one Triton kernel each (kernels.rotate, kernels.rope_angles): in
     PyTorch operations they took some 30 kernels per layer and piece, each covering the GPU. Compiled,
     inductor fuses the PyTorch operations itself; float64 (the tests' oracle) stays in PyTorch."""
-    return t.is_cuda and dtype != torch.float64 and not torch.compiler.is_compiling()
+    return t.is_cuda and dtype != torch.float64 and kernels.triton is not None and not torch.compiler.is_compiling()
 
 
 class RMSNorm(nn.Module):
