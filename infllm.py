@@ -209,6 +209,9 @@ class MemoryUnits:
         self.load_units = torch.zeros(cfg.topk, dtype=torch.long, device=device)
         self.load_slots = torch.full((cfg.topk,), -1, dtype=torch.long, device=device)
         self.stage_k = self.stage_v = self.stage_rows = None
+        # An eager GPU does fetch's bookkeeping in one Triton kernel (kernels.lru_fetch); compiled, inductor fuses
+        # it. The kernel ranks the slots by comparing every pair in one program: up to 128 slots.
+        self.fused_fetch = self.loader is not None and not compiled and kernels.triton is not None and S <= 128
         if self.loader is not None:
             most = new_units_most(cfg, cfg.exc_block_size)
             self.stage_k = torch.zeros(most, *self.block, device=device, dtype=self.store)
@@ -333,6 +336,11 @@ class MemoryUnits:
         S = self.cfg.max_cached_block
         if valid is None:
             valid = torch.ones_like(units, dtype=torch.bool)
+        if self.fused_fetch:  # the same bookkeeping in one kernel: the lines below launch some 50, each tiny
+            victim = kernels.lru_fetch(units, valid, self.unit_slot, self.slot_unit, self.slot_used, self.clock,
+                                       self.hits, self.misses, self.load_units, self.load_slots, self.AGE)
+            self._start_loads()
+            return victim
         self.clock += 1
         slots = torch.where(valid, self.unit_slot[units], -1)
         hit = slots >= 0  # a unit that is not stored never has a slot

@@ -379,6 +379,30 @@ def rotate(x, cos, sin):
     return out
 
 
+def rms_norm(x, weight, eps):
+    """model.RMSNorm on an eager GPU in one kernel (instead of 9): each row normalised in float32, rounded to
+    x's dtype, then scaled by the weight, as the reference rounds."""
+    rows = x.reshape(-1, x.shape[-1])
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.shape[1], rows.stride(0), eps,
+                                       BD=triton.next_power_of_2(rows.shape[1]))
+    return out.view(*x.shape[:-1], -1)
+
+
+def lru_fetch(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses, load_units, load_slots, age_key):
+    """infllm.MemoryUnits.fetch's bookkeeping on an eager GPU in one kernel of one program (instead of some
+    50 kernels): the slot each selected unit takes (a miss evicts the least recently used unit not selected
+    now), the state's update, and the copies to start (load_units, load_slots). Returns the slots. Among free
+    slots it may pick another than fetch's argsort does: which free slot a unit takes changes no result."""
+    K, S = units.shape[0], slot_used.shape[0] - 1
+    victim = torch.empty_like(units)
+    _lru_fetch_kernel[(1,)](units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses, load_units, load_slots,
+                            victim, K, S, unit_slot.shape[0] - 1, AGE=age_key, BK=triton.next_power_of_2(K),
+                            BS=triton.next_power_of_2(S))
+    return victim
+
+
 def pinned_empty(shape, dtype):
     """Page-locked host memory of exactly this size. torch's pinned allocator rounds every block up to a
     power of two and keeps freed blocks for reuse, so 1.07 GB of units would hold 2 GB, and the storage
@@ -661,6 +685,47 @@ if triton is not None:
         dst = out + h * T * 2 * HALF + t[:, None] * 2 * HALF + i[None, :]
         tl.store(dst, (x1 * c - x2 * s).to(out.dtype.element_ty), mask=ok)
         tl.store(dst + HALF, (x2 * c + x1 * s).to(out.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rms_norm_kernel(x, weight, out, D, SX, eps, BD: tl.constexpr):
+        r, d = tl.program_id(0), tl.arange(0, BD)
+        xf = tl.load(x + r * SX + d, mask=d < D, other=0.0).to(tl.float32)
+        normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype.element_ty)
+        w = tl.load(weight + d, mask=d < D, other=0.0)
+        tl.store(out + r * D + d, (normed.to(tl.float32) * w.to(tl.float32)).to(out.dtype.element_ty), mask=d < D)
+
+    @triton.jit
+    def _lru_fetch_kernel(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses, load_units, load_slots,
+                          victim, K, S, SCRATCH, AGE: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
+        k, s = tl.arange(0, BK), tl.arange(0, BS)
+        in_k, in_s = k < K, s < S
+        u = tl.load(units + k, mask=in_k, other=0)
+        ok = (tl.load(valid + k, mask=in_k, other=0) != 0) & in_k
+        slot = tl.where(ok, tl.load(unit_slot + u, mask=ok, other=-1), -1)
+        hit, miss = slot >= 0, ok & (slot < 0)
+        now = tl.load(clock) + 1
+        # Eviction order as in fetch: free slots first, then by last use, then by unit; never a slot selected now.
+        age = tl.load(slot_used + s, mask=in_s, other=0) * AGE + tl.load(slot_unit + s, mask=in_s, other=0)
+        protected = tl.sum((hit[None, :] & (slot[None, :] == s[:, None])).to(tl.int32), axis=1) > 0
+        age = tl.where(protected | (s >= S), 1 << 62, age)
+        # Each slot's rank in that order (ties by slot): the j-th miss takes the slot of rank j.
+        before = (age[None, :] < age[:, None]) | ((age[None, :] == age[:, None]) & (s[None, :] < s[:, None]))
+        rank = tl.sum(before.to(tl.int32), axis=1)
+        j = tl.cumsum(miss.to(tl.int32), axis=0) - 1
+        pick = tl.sum(tl.where(rank[None, :] == j[:, None], s[None, :], 0), axis=1)
+        v = tl.where(hit, slot, tl.where(miss, pick, S))  # slot S: scratch
+        old = tl.load(slot_unit + v, mask=in_k, other=-1)
+        # Every read is done: the writes below cannot change what it read.
+        tl.store(clock, now)
+        tl.store(hits, tl.load(hits) + tl.sum(hit.to(tl.int64), axis=0))
+        tl.store(misses, tl.load(misses) + tl.sum(miss.to(tl.int64), axis=0))
+        tl.store(victim + k, v, mask=in_k)
+        tl.store(load_units + k, u, mask=in_k)
+        tl.store(load_slots + k, tl.where(miss, v, -1), mask=in_k)
+        tl.store(unit_slot + old, tl.full([BK], -1, tl.int64), mask=miss & (old >= 0))
+        tl.store(slot_unit + v, tl.where(ok, u, -1), mask=in_k)
+        tl.store(unit_slot + tl.where(ok, u, SCRATCH), tl.where(ok, v, -1), mask=in_k)
+        tl.store(slot_used + v, tl.where(ok, now, -1), mask=in_k)
 
     @triton.jit
     def _gather_kernel(src_addr, rows, dst, dst_rows, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
