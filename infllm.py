@@ -209,9 +209,11 @@ class MemoryUnits:
         self.load_units = torch.zeros(cfg.topk, dtype=torch.long, device=device)
         self.load_slots = torch.full((cfg.topk,), -1, dtype=torch.long, device=device)
         self.stage_k = self.stage_v = self.stage_rows = None
-        # An eager GPU does fetch's bookkeeping in one Triton kernel (kernels.lru_fetch); compiled, inductor fuses
-        # it. The kernel ranks the slots by comparing every pair in one program: up to 128 slots.
-        self.fused_fetch = self.loader is not None and not compiled and kernels.triton is not None and S <= 128
+        # An eager GPU runs fetch's bookkeeping and the retirement of tokens (ContextMemory._retire) as Triton
+        # kernels; compiled, inductor fuses them. lru_fetch ranks the slots by comparing every pair in one
+        # program: up to 128 slots.
+        self.fused = self.loader is not None and not compiled and kernels.triton is not None
+        self.fused_fetch = self.fused and S <= 128
         if self.loader is not None:
             most = new_units_most(cfg, cfg.exc_block_size)
             self.stage_k = torch.zeros(most, *self.block, device=device, dtype=self.store)
@@ -513,6 +515,10 @@ class ContextMemory:
             query = torch.tensor([cfg.n_local - 1 + self.ordered_span() - 1], device=device)
             self.ordered_angles = (rope.angles(query, self.ring_k.dtype), rope.angles(self.slot_positions(), self.ring_k.dtype))
         self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, fuse) if self.use_units else None
+        # kernels.retire: an eager GPU's _retire in two kernels, for units in the model's dtype and averaged
+        # representative keys (the reference's).
+        self.fused_retire = (self.use_units and self.units.fused and not self.units.fp8
+                             and cfg.repr_scoring == "mean")
         self.trace = None  # set to a list to record every piece's selected units (tests, inspection)
 
     def reserve(self, n_tokens):
@@ -671,6 +677,13 @@ class ContextMemory:
         becomes a memory unit, its representative key chosen by the tokens' local scores. How many of
         each is known on the device only: a piece moves a fixed most of each, masked."""
         cfg, dev, R = self.cfg, self.ring_k.device, self.ring
+        if self.fused_retire:  # the same in two kernels: the lines below launch some 50, each tiny
+            u = self.units
+            kernels.retire(self.ring_k, self.ring_v, self.ring_score, self.init_k, self.init_v, self.pos_d, self.start_d,
+                           self.n_init_d, u.n, u.reprs, u.stage_k, u.stage_v, u.stage_rows, cfg.n_local, cfg.repr_topk,
+                           min(cfg.n_init, P), new_units_most(cfg, P))
+            u._start_write_back()
+            return
         extra = self.pos_d - self.start_d - cfg.n_local  # tokens beyond the window
         take = torch.minimum(cfg.n_init - self.n_init_d, extra).clamp(min=0)
         most = min(cfg.n_init, P)  # while init fills, at most P tokens leave the window per piece

@@ -403,6 +403,24 @@ def lru_fetch(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses
     return victim
 
 
+def retire(ring_k, ring_v, ring_score, init_k, init_v, pos_d, start_d, n_init_d, n_units, reprs, stage_k, stage_v,
+           stage_rows, n_local, repr_topk, most_init, most_units):
+    """infllm.ContextMemory._retire on an eager GPU in two kernels (instead of some 50): the tokens that left
+    the window fill init, then each full block of them becomes a unit (its keys and values staged for the
+    write-back, its representative key the mean of its repr_topk best-scored keys per head), then the
+    counters move. How many of each only the device knows: the first kernel reads the counters, the second
+    (after it) moves them. Units in the model's dtype with averaged representative keys only."""
+    Hkv, R, D = ring_k.shape
+    Hq, B, n_init = ring_score.shape[0], stage_k.shape[2], init_k.shape[1] - 1
+    args = (pos_d, start_d, n_init_d, n_units, stage_rows, n_local, n_init, B, most_units)
+    programs = most_units * Hq + (1 if most_init else 0)
+    if programs:
+        _retire_kernel[(programs,)](ring_k, ring_v, ring_score, init_k, init_v, reprs, stage_k, stage_v, R, D, Hkv, Hq,
+                                    *args, RTOP=repr_topk, MOST_INIT=most_init, BB=triton.next_power_of_2(B),
+                                    BD=triton.next_power_of_2(D), BI=triton.next_power_of_2(max(most_init, 1)))
+    _retire_counters_kernel[(1,)](*args, stage_rows.shape[0], BS=triton.next_power_of_2(stage_rows.shape[0]))
+
+
 def pinned_empty(shape, dtype):
     """Page-locked host memory of exactly this size. torch's pinned allocator rounds every block up to a
     power of two and keeps freed blocks for reuse, so 1.07 GB of units would hold 2 GB, and the storage
@@ -726,6 +744,67 @@ if triton is not None:
         tl.store(slot_unit + v, tl.where(ok, u, -1), mask=in_k)
         tl.store(unit_slot + tl.where(ok, u, SCRATCH), tl.where(ok, v, -1), mask=in_k)
         tl.store(slot_used + v, tl.where(ok, now, -1), mask=in_k)
+
+    @triton.jit
+    def _retiring(pos_d, start_d, n_init_d, n_units, n_local, n_init, B):
+        """From the counters: where the oldest recent token sits, init tokens held, units stored, and how many
+        tokens go to init (take) and units are made (n_new) now, as _retire decides them."""
+        start, held, n = tl.load(start_d), tl.load(n_init_d), tl.load(n_units)
+        extra = tl.load(pos_d) - start - n_local  # tokens beyond the window
+        take = tl.maximum(tl.minimum(n_init - held, extra), 0)
+        n_new = tl.maximum(extra - take, 0) // B
+        return start, held, n, take, n_new
+
+    @triton.jit
+    def _retire_kernel(ring_k, ring_v, ring_score, init_k, init_v, reprs, stage_k, stage_v, R, D, HKV, HQ,
+                       pos_d, start_d, n_init_d, n_units, stage_rows, n_local, n_init, B, MOST_UNITS,
+                       RTOP: tl.constexpr, MOST_INIT: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr):
+        p = tl.program_id(0)
+        start, held, n, take, n_new = _retiring(pos_d, start_d, n_init_d, n_units, n_local, n_init, B)
+        d = tl.arange(0, BD)
+        if p < MOST_UNITS * HQ:  # unit m, query head h
+            m, h = p // HQ, p % HQ
+            b = tl.arange(0, BB)
+            inside = b < B
+            slot = (start + take + m * B + b) % R
+            if m < n_new:
+                # The repr_topk keys of the highest local score for head h (ties: the earlier token), averaged.
+                sc = tl.load(ring_score + h * R + slot, mask=inside, other=float("-inf"))
+                before = (sc[None, :] > sc[:, None]) | ((sc[None, :] == sc[:, None]) & (b[None, :] < b[:, None]))
+                best = (tl.sum(before.to(tl.int32), axis=1) < RTOP) & inside
+                kv = h // (HQ // HKV)
+                ok = best[:, None] & (d < D)[None, :]
+                keys = tl.load(ring_k + kv * R * D + slot[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
+                tl.store(reprs + (n + m) * HQ * D + h * D + d, (tl.sum(keys, axis=0) / RTOP).to(reprs.dtype.element_ty),
+                         mask=d < D)
+                if h < HKV:  # the unit's keys and values of key head h, staged for the write-back
+                    ok = inside[:, None] & (d < D)[None, :]
+                    src = h * R * D + slot[:, None] * D + d[None, :]
+                    dst = (m * HKV + h) * B * D + b[:, None] * D + d[None, :]
+                    tl.store(stage_k + dst, tl.load(ring_k + src, mask=ok), mask=ok)
+                    tl.store(stage_v + dst, tl.load(ring_v + src, mask=ok), mask=ok)
+                if h == 0:
+                    tl.store(stage_rows + m, n + m)
+            elif h == 0:
+                tl.store(stage_rows + m, -1)  # no unit: nothing crosses PCIe
+        else:  # the tokens that fill init, every key head
+            i = tl.arange(0, BI)
+            ok = (i < tl.minimum(take, MOST_INIT))[:, None] & (d < D)[None, :]
+            src = ((start + i) % R)[:, None] * D + d[None, :]
+            dst = (held + i)[:, None] * D + d[None, :]
+            for kv in range(0, HKV):
+                tl.store(init_k + kv * (n_init + 1) * D + dst, tl.load(ring_k + kv * R * D + src, mask=ok), mask=ok)
+                tl.store(init_v + kv * (n_init + 1) * D + dst, tl.load(ring_v + kv * R * D + src, mask=ok), mask=ok)
+
+    @triton.jit
+    def _retire_counters_kernel(pos_d, start_d, n_init_d, n_units, stage_rows, n_local, n_init, B, MOST_UNITS, NSTAGE,
+                                BS: tl.constexpr):
+        start, held, n, take, n_new = _retiring(pos_d, start_d, n_init_d, n_units, n_local, n_init, B)
+        tl.store(n_init_d, held + take)
+        tl.store(start_d, start + take + n_new * B)
+        tl.store(n_units, n + n_new)
+        j = tl.arange(0, BS)
+        tl.store(stage_rows + j, tl.full([BS], -1, tl.int64), mask=(j >= MOST_UNITS) & (j < NSTAGE))
 
     @triton.jit
     def _gather_kernel(src_addr, rows, dst, dst_rows, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):

@@ -158,10 +158,12 @@ def test_wavefront_and_unit_loads_have_streams_of_their_own():
     assert len(streams) == 60 and len({s.cuda_stream for s in streams}) == 60
 
 
-def test_lru_bookkeeping_in_one_kernel_equals_fetch():
-    """kernels.lru_fetch (the eager GPU's fetch) against MemoryUnits.fetch's PyTorch operations, end to end: the
-    same logits, tokens, hit and miss counts and cached units (least recently used first) after a prompt whose
-    pieces evict units (4 device slots, 3 units a lookup) and a few decoding steps, replayed from CUDA graphs."""
+@pytest.mark.parametrize("wavefront", [0, 1])
+def test_lru_and_retirement_kernels_equal_pytorchs(wavefront):
+    """kernels.lru_fetch and kernels.retire (the eager GPU's fetch and _retire) against MemoryUnits.fetch's and
+    ContextMemory._retire's PyTorch operations, end to end: the same logits, tokens, hit and miss counts, cached
+    units (least recently used first), stored units and representative keys, init tokens and counters, after a
+    prompt whose pieces evict units (4 device slots, 3 units a lookup) and a few decoding steps, from CUDA graphs."""
     from generate import FixedShapes, decode, prefill
     model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=3).cuda()
     ids = torch.randint(0, ARGS.vocab_size, (16 * 30 + 5,)).tolist()
@@ -169,16 +171,23 @@ def test_lru_bookkeeping_in_one_kernel_equals_fetch():
     for fused in (True, False):
         caches = make_caches(model, "infllm", SMALL, "triton")
         for c in caches:
-            assert c.units.fused_fetch
-            c.units.fused_fetch = fused
-        fixed = FixedShapes(model, caches)
+            assert c.units.fused_fetch and c.fused_retire
+            c.units.fused_fetch = c.fused_retire = fused
+        fixed = FixedShapes(model, caches, wavefront=wavefront)
         logits = prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=8)
         new = decode(model, caches, logits, 8, forward=fixed)
-        runs.append((logits, new, memory_stats(caches), [c.units.cached_units() for c in caches]))
-    (a, new_a, stats_a, cached_a), (b, new_b, stats_b, cached_b) = runs
+        torch.cuda.synchronize()
+        state = [(c.units.cached_units(), c.units.host_k[:c.units.count].clone(), c.units.host_v[:c.units.count].clone(),
+                  c.units.reprs[:c.units.count].clone(), c.init_k[:, :int(c.n_init_d)].clone(),
+                  int(c.start_d), int(c.n_init_d), int(c.pos_d)) for c in caches]
+        runs.append((logits, new, memory_stats(caches), state))
+    (a, new_a, stats_a, state_a), (b, new_b, stats_b, state_b) = runs
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
-    assert new_a == new_b and stats_a == stats_b and cached_a == cached_b
-    assert stats_a["misses"] > 0 and stats_a["hits"] > 0
+    assert new_a == new_b and stats_a == stats_b
+    for sa, sb in zip(state_a, state_b):
+        assert sa[0] == sb[0] and sa[5:] == sb[5:]
+        assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(sa[1:5], sb[1:5]))
+    assert stats_a["misses"] > 0 and stats_a["hits"] > 0 and stats_a["units"] > 0
 
 
 @settings(max_examples=30, deadline=None)
