@@ -519,6 +519,7 @@ class ContextMemory:
         # representative keys (the reference's).
         self.fused_retire = (self.use_units and self.units.fused and not self.units.fp8
                              and cfg.repr_scoring == "mean")
+        self.fused_memory = self.use_units and self.units.fused and not self.units.fp8  # kernels.memory_part
         self.trace = None  # set to a list to record every piece's selected units (tests, inspection)
 
     def reserve(self, n_tokens):
@@ -641,6 +642,12 @@ class ContextMemory:
         seen in exactly one part. (The authors' code lets each chunk see its whole far remainder,
         some of it also through the window; the difference is a few tokens per query.)"""
         cfg, dev = self.cfg, self.ring_k.device
+        if self.fused_memory:  # the same in one kernel: the lines below launch some 35, each tiny
+            units, valid, slots = selected
+            self.units.join_copies()
+            k, v, mask = kernels.memory_part(self.units.pool_k, self.units.pool_v, slots, valid, self.init_k, self.init_v,
+                                             self.n_init_d, self.ring_k, self.ring_v, self.start_d, at, real, cfg.n_local)
+            return k, v, mask, torch.where(valid, units, -1)
         k_init, v_init, mask_init = self._init_part(real)
         # The oldest recent tokens: at most P + block_size - 1 of them are out of some query's window.
         far = self.start_d + torch.arange(at.shape[0] + cfg.block_size - 1, device=dev)

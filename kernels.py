@@ -403,6 +403,23 @@ def lru_fetch(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses
     return victim
 
 
+def memory_part(pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at, real, n_local):
+    """infllm.ContextMemory._memory's keys, values and mask on an eager GPU in one kernel (instead of some 35):
+    the selected units from their device slots, the init tokens, the far remainder from the ring, [Hkv, M, D]
+    each in that order, and the mask [T, M] of a piece's queries at positions at (real: not padding)."""
+    _, Hkv, B, D = pool_k.shape
+    U, I, R, T = slots.shape[0] * B, init_k.shape[1], ring_k.shape[1], at.shape[0]
+    M = U + I + T + B - 1
+    k = torch.empty(Hkv, M, D, dtype=ring_k.dtype, device=ring_k.device)
+    v = torch.empty_like(k)
+    mask = torch.empty(T, M, dtype=torch.bool, device=ring_k.device)
+    BJ = 64  # key slots per program
+    _memory_part_kernel[(-(-M // BJ), Hkv + 1)](pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v,
+                                                start_d, at, real, k, v, mask, n_local, Hkv, B, D, U, I, R, T, M,
+                                                BJ=BJ, BT=32, BD=triton.next_power_of_2(D))
+    return k, v, mask
+
+
 def retire(ring_k, ring_v, ring_score, init_k, init_v, pos_d, start_d, n_init_d, n_units, reprs, stage_k, stage_v,
            stage_rows, n_local, repr_topk, most_init, most_units):
     """infllm.ContextMemory._retire on an eager GPU in two kernels (instead of some 50): the tokens that left
@@ -744,6 +761,44 @@ if triton is not None:
         tl.store(slot_unit + v, tl.where(ok, u, -1), mask=in_k)
         tl.store(unit_slot + tl.where(ok, u, SCRATCH), tl.where(ok, v, -1), mask=in_k)
         tl.store(slot_used + v, tl.where(ok, now, -1), mask=in_k)
+
+    @triton.jit
+    def _three_sources(unit, init, ring, dst, at_unit, at_init, at_far, out, is_unit, is_init, is_far, ok, ok_j):
+        # Each row comes from one of the three (the other two loads are masked off and add zeros).
+        x = (tl.load(unit + at_unit, mask=is_unit[:, None] & ok, other=0.0)
+             + tl.load(init + at_init, mask=is_init[:, None] & ok, other=0.0)
+             + tl.load(ring + at_far, mask=is_far[:, None] & ok, other=0.0))
+        tl.store(dst + out, x, mask=ok_j)
+
+    @triton.jit
+    def _memory_part_kernel(pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at, real,
+                            k, v, mask, n_local, HKV, B, D, U, I, R, T, M,
+                            BJ: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+        jb, h = tl.program_id(0), tl.program_id(1)
+        j = jb * BJ + tl.arange(0, BJ)
+        is_unit, is_init, is_far = j < U, (j >= U) & (j < U + I), (j >= U + I) & (j < M)
+        unit_i = tl.where(is_unit, j // B, 0)
+        far_pos = tl.load(start_d) + tl.where(is_far, j - U - I, 0)  # the far remainder's positions
+        if h < HKV:  # key head h's keys and values of this block of slots
+            d = tl.arange(0, BD)
+            ok = (d < D)[None, :]
+            at_unit = ((tl.load(slots + unit_i, mask=is_unit, other=0) * HKV + h) * B + j % B)[:, None] * D + d[None, :]
+            at_init = (h * I + tl.where(is_init, j - U, 0))[:, None] * D + d[None, :]
+            at_far = (h * R + far_pos % R)[:, None] * D + d[None, :]
+            out = (h * M + j)[:, None] * D + d[None, :]
+            ok_j = (j < M)[:, None] & ok
+            _three_sources(pool_k, init_k, ring_k, k, at_unit, at_init, at_far, out, is_unit, is_init, is_far, ok, ok_j)
+            _three_sources(pool_v, init_v, ring_v, v, at_unit, at_init, at_far, out, is_unit, is_init, is_far, ok, ok_j)
+        else:  # the mask: a valid unit, an init token held, a far token n_local or more behind the query
+            seen = ((is_unit & (tl.load(valid + unit_i, mask=is_unit, other=0) != 0))
+                    | (is_init & (j - U < tl.load(n_init_d))) | is_far)
+            for t0 in range(0, T, BT):
+                t = t0 + tl.arange(0, BT)
+                q_at = tl.load(at + t, mask=t < T, other=0)
+                q_real = tl.load(real + t, mask=t < T, other=0) != 0
+                m = (seen[None, :] & q_real[:, None]
+                     & (~is_far[None, :] | (q_at[:, None] - far_pos[None, :] >= n_local)))
+                tl.store(mask + t[:, None] * M + j[None, :], m, mask=(t < T)[:, None] & (j < M)[None, :])
 
     @triton.jit
     def _retiring(pos_d, start_d, n_init_d, n_units, n_local, n_init, B):
