@@ -173,7 +173,8 @@ class MemoryUnits:
 
     AGE = 1 << 24  # slot age key = last use * AGE + unit: ties between units used together go to the lower
 
-    def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype, parallel=False, compiled=False):
+    def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype, parallel=False, compiled=False,
+                 fused=False):
         self.cfg, self.device, self.dtype = cfg, torch.device(device or "cpu"), dtype
         self.parallel = parallel  # tensor parallel: these are one process's share of the heads
         self.compiled = compiled  # read by the compiled piece step: growing storage is marked dynamic
@@ -209,11 +210,9 @@ class MemoryUnits:
         self.load_units = torch.zeros(cfg.topk, dtype=torch.long, device=device)
         self.load_slots = torch.full((cfg.topk,), -1, dtype=torch.long, device=device)
         self.stage_k = self.stage_v = self.stage_rows = None
-        # An eager GPU runs fetch's bookkeeping and the retirement of tokens (ContextMemory._retire) as Triton
-        # kernels; compiled, inductor fuses them. lru_fetch ranks the slots by comparing every pair in one
-        # program: up to 128 slots.
-        self.fused = self.loader is not None and not compiled and kernels.triton is not None
-        self.fused_fetch = self.fused and S <= 128
+        # fused (an eager GPU, see ContextMemory): fetch's bookkeeping in one kernel, kernels.lru_fetch, which
+        # ranks the slots by comparing every pair in one program: up to 128 slots.
+        self.fused_fetch = fused and S <= 128
         if self.loader is not None:
             most = new_units_most(cfg, cfg.exc_block_size)
             self.stage_k = torch.zeros(most, *self.block, device=device, dtype=self.store)
@@ -514,12 +513,17 @@ class ContextMemory:
         if cfg.memory_positions == "ordered":  # the memory part's queries one stretch further, each key at its slot's
             query = torch.tensor([cfg.n_local - 1 + self.ordered_span() - 1], device=device)
             self.ordered_angles = (rope.angles(query, self.ring_k.dtype), rope.angles(self.slot_positions(), self.ring_k.dtype))
-        self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, fuse) if self.use_units else None
-        # kernels.retire: an eager GPU's _retire in two kernels, for units in the model's dtype and averaged
+        # An eager GPU writes the ring, builds the masks and the memory part, looks units up and retires tokens
+        # in Triton kernels of kernels.py (a few instead of some 150 tiny PyTorch ones); the PyTorch lines beside
+        # each call say what it does, and stay the specification ("plain" runs them on a GPU too). Compiled,
+        # inductor fuses those lines itself. Units must be in the model's dtype, and retire averages the
         # representative keys (the reference's).
-        self.fused_retire = (self.use_units and self.units.fused and not self.units.fp8
-                             and cfg.repr_scoring == "mean")
-        self.fused_memory = self.use_units and self.units.fused and not self.units.fp8  # kernels.memory_part
+        self.fused = (torch.device(device or "cpu").type == "cuda" and not fuse and kernel != "plain"
+                      and kernels.triton is not None)
+        self.units = (MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, fuse, self.fused)
+                      if self.use_units else None)
+        self.fused_retire = self.fused and self.use_units and not self.units.fp8 and cfg.repr_scoring == "mean"
+        self.fused_memory = self.fused and self.use_units and not self.units.fp8  # kernels.memory_part
         self.trace = None  # set to a list to record every piece's selected units (tests, inspection)
 
     def reserve(self, n_tokens):
@@ -600,13 +604,17 @@ class ContextMemory:
         t = torch.arange(P, device=dev)
         real = t < n
         at = self.pos_d + t  # the piece's positions
-        new = at % R  # padding lands in slots of tokens that already left the ring, marked empty
-        self.ring_k.index_copy_(1, new, k)
         at_angles = self.rope.angles(at, k.dtype)  # the piece's keys and its queries in the window
-        self.ring_kr.index_copy_(1, new, self.rope(k, angles=at_angles))
-        self.ring_v.index_copy_(1, new, v)
-        self.ring_score.index_fill_(1, new, 0.0)
-        self.ring_pos.index_copy_(0, new, torch.where(real, at, -1))
+        if self.fused:  # the same writes in one kernel (kernels.ring_write)
+            kernels.ring_write(k, v, *at_angles, at, real, self.ring_k, self.ring_kr, self.ring_v, self.ring_score,
+                               self.ring_pos)
+        else:
+            new = at % R  # padding lands in slots of tokens that already left the ring, marked empty
+            self.ring_k.index_copy_(1, new, k)
+            self.ring_kr.index_copy_(1, new, self.rope(k, angles=at_angles))
+            self.ring_v.index_copy_(1, new, v)
+            self.ring_score.index_fill_(1, new, 0.0)
+            self.ring_pos.index_copy_(0, new, torch.where(real, at, -1))
 
         # Memory part: all its keys at position 0 and the queries at n_local - 1. The lookup comes
         # first, so that the selected units load from host memory while the local part is computed.
@@ -618,7 +626,10 @@ class ContextMemory:
         # slot order (attention does not depend on the order of its keys), its slots' positions p
         # telling which keys a query sees. Padding queries see nothing and add to no local score.
         p = self.ring_pos
-        mask_local = (p[None, :] <= at[:, None]) & (p[None, :] > at[:, None] - N) & (p >= 0)[None, :] & real[:, None]
+        if self.fused:
+            mask_local = kernels.window_mask(p, at, real, N)  # the same in one kernel
+        else:
+            mask_local = (p[None, :] <= at[:, None]) & (p[None, :] > at[:, None] - N) & (p >= 0)[None, :] & real[:, None]
         local = self.attend_local(self.rope(q, angles=at_angles), self.ring_kr, self.ring_v, mask_local)
 
         k_mem, v_mem, mask_mem, chosen = self._memory(at, real, selected)

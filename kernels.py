@@ -403,6 +403,28 @@ def lru_fetch(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses
     return victim
 
 
+def ring_write(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos):
+    """infllm.ContextMemory._attend_piece's writes of a piece into the ring on an eager GPU in one kernel (instead
+    of 7): keys k and values v [Hkv, T, D] (any strides) at slot position % ring size, the keys also rotated by
+    cos and sin [T, D] (as rotate does), the slots' local scores zeroed, their positions (-1: padding) set."""
+    Hkv, T, D = k.shape
+    BT = 32  # tokens per program
+    _ring_write_kernel[(-(-T // BT), Hkv + 1)](k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos,
+                                              T, D // 2, ring_k.shape[1], ring_score.shape[0], k.stride(0), k.stride(1),
+                                              v.stride(0), v.stride(1), BT=BT, BH=triton.next_power_of_2(D // 2),
+                                              BQ=triton.next_power_of_2(ring_score.shape[0]))
+
+
+def window_mask(ring_pos, at, real, n_local):
+    """The local part's mask [T, R] in one kernel (instead of 6): query t sees the ring slots that hold one of
+    its n_local latest positions, up to its own (padding queries see none)."""
+    T, R = at.shape[0], ring_pos.shape[0]
+    mask = torch.empty(T, R, dtype=torch.bool, device=at.device)
+    BT, BR = 32, 128
+    _window_mask_kernel[(-(-T // BT), -(-R // BR))](ring_pos, at, real, mask, T, R, n_local, BT=BT, BR=BR)
+    return mask
+
+
 def memory_part(pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at, real, n_local):
     """infllm.ContextMemory._memory's keys, values and mask on an eager GPU in one kernel (instead of some 35):
     the selected units from their device slots, the init tokens, the far remainder from the ring, [Hkv, M, D]
@@ -761,6 +783,47 @@ if triton is not None:
         tl.store(slot_unit + v, tl.where(ok, u, -1), mask=in_k)
         tl.store(unit_slot + tl.where(ok, u, SCRATCH), tl.where(ok, v, -1), mask=in_k)
         tl.store(slot_used + v, tl.where(ok, now, -1), mask=in_k)
+
+    @triton.jit
+    def _ring_write_kernel(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos, T, HALF, R, HQ,
+                           SKH, SKT, SVH, SVT, BT: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr):
+        tb, h = tl.program_id(0), tl.program_id(1)
+        t = tb * BT + tl.arange(0, BT)
+        pos = tl.load(at + t, mask=t < T, other=0)
+        slot = pos % R  # padding lands in slots of tokens that already left the ring, marked empty below
+        if h < tl.num_programs(1) - 1:  # key head h
+            i = tl.arange(0, BH)
+            ok = (t < T)[:, None] & (i < HALF)[None, :]
+            src, dst = k + h * SKH + t[:, None] * SKT + i[None, :], (h * R + slot)[:, None] * 2 * HALF + i[None, :]
+            x1, x2 = tl.load(src, mask=ok, other=0.0), tl.load(src + HALF, mask=ok, other=0.0)
+            tl.store(ring_k + dst, x1, mask=ok)
+            tl.store(ring_k + dst + HALF, x2, mask=ok)
+            a = t[:, None] * 2 * HALF + i[None, :]
+            c = tl.load(cos + a, mask=ok, other=0.0).to(tl.float32)
+            s = tl.load(sin + a, mask=ok, other=0.0).to(tl.float32)
+            x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+            tl.store(ring_kr + dst, (x1 * c - x2 * s).to(ring_kr.dtype.element_ty), mask=ok)
+            tl.store(ring_kr + dst + HALF, (x2 * c + x1 * s).to(ring_kr.dtype.element_ty), mask=ok)
+            src = v + h * SVH + t[:, None] * SVT + i[None, :]
+            tl.store(ring_v + dst, tl.load(src, mask=ok), mask=ok)
+            tl.store(ring_v + dst + HALF, tl.load(src + HALF, mask=ok), mask=ok)
+        else:  # the slots' positions and local scores
+            live = tl.load(real + t, mask=t < T, other=0) != 0
+            tl.store(ring_pos + slot, tl.where(live, pos, -1), mask=t < T)
+            q = tl.arange(0, BQ)
+            tl.store(ring_score + q[:, None] * R + slot[None, :], tl.zeros([BQ, BT], tl.float32),
+                     mask=(q < HQ)[:, None] & (t < T)[None, :])
+
+    @triton.jit
+    def _window_mask_kernel(ring_pos, at, real, mask, T, R, n_local, BT: tl.constexpr, BR: tl.constexpr):
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        r = tl.program_id(1) * BR + tl.arange(0, BR)
+        q_at = tl.load(at + t, mask=t < T, other=0)
+        live = tl.load(real + t, mask=t < T, other=0) != 0
+        p = tl.load(ring_pos + r, mask=r < R, other=-1)
+        seen = ((p[None, :] <= q_at[:, None]) & (p[None, :] > q_at[:, None] - n_local) & (p >= 0)[None, :]
+                & live[:, None])
+        tl.store(mask + t[:, None] * R + r[None, :], seen, mask=(t < T)[:, None] & (r < R)[None, :])
 
     @triton.jit
     def _three_sources(unit, init, ring, dst, at_unit, at_init, at_far, out, is_unit, is_init, is_far, ok, ok_j):
