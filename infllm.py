@@ -213,6 +213,9 @@ class MemoryUnits:
         # fused (an eager GPU, see ContextMemory): fetch's bookkeeping in one kernel, kernels.lru_fetch, which
         # ranks the slots by comparing every pair in one program: up to 128 slots.
         self.fused_fetch = fused and S <= 128
+        # And the reference's unit scores in two kernels (kernels.unit_scores); the options and tensor parallel's
+        # sum over processes take score_units.
+        self.fused_scores = (fused and not parallel and cfg.repr_scoring == "mean" and cfg.lookup_queries == "mean")
         if self.loader is not None:
             most = new_units_most(cfg, cfg.exc_block_size)
             self.stage_k = torch.zeros(most, *self.block, device=device, dtype=self.store)
@@ -319,13 +322,17 @@ class MemoryUnits:
         # query, with lookup_queries=each) is a sum over all query heads, so the processes add their
         # partial sums, before any max over queries and before the top-k: every process then selects the
         # same units, as one process would. (repr_scoring=best takes its max per head: still a sum over heads.)
-        scores = kernels.score_units(q_mem, self.reprs, real, best_token=self.cfg.repr_scoring == "best",
-                                     each_query=self.cfg.lookup_queries == "each",
-                                     over_heads=sum_scores_over_processes if self.parallel else None)
-        if self.last is not None:
-            self.last.update(queries=q_mem, scores=scores)  # [Hq, T, D], [n]
-        stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
-        units = kernels.select_units(scores.masked_fill(~stored, float("-inf")), self.cfg.topk)
+        if self.fused_scores and self.last is None:  # the same, in two kernels (kernels.unit_scores)
+            scores = kernels.unit_scores(q_mem, real, self.reprs, self.n)
+        else:
+            scores = kernels.score_units(q_mem, self.reprs, real, best_token=self.cfg.repr_scoring == "best",
+                                         each_query=self.cfg.lookup_queries == "each",
+                                         over_heads=sum_scores_over_processes if self.parallel else None)
+            if self.last is not None:
+                self.last.update(queries=q_mem, scores=scores)  # [Hq, T, D], [n]
+            stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
+            scores = scores.masked_fill(~stored, float("-inf"))
+        units = kernels.select_units(scores, self.cfg.topk)
         valid = (units < self.n) & real.any()  # ascending: the stored units come first
         self.lookups += valid.any()
         return units, valid, self.fetch(units, valid)

@@ -403,6 +403,22 @@ def lru_fetch(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses
     return victim
 
 
+def unit_scores(q_mem, real, reprs, n):
+    """score_units as the reference scores (the real queries averaged, dotted with each unit's representative
+    key), then -inf past the n units stored, on an eager GPU in two kernels that read the representative keys
+    in their own dtype (score_units makes a float32 copy of all of them for every lookup). -> [rows] float32."""
+    Hq, T, D = q_mem.shape
+    q_mem = q_mem if q_mem.stride(-1) == 1 else q_mem.contiguous()
+    mean = torch.empty(Hq * D, dtype=torch.float32, device=q_mem.device)
+    _mean_query_kernel[(Hq,)](q_mem, real, mean, T, D, q_mem.stride(0), q_mem.stride(1), BT=32,
+                              BD=triton.next_power_of_2(D))
+    rows = reprs.shape[0]
+    scores = torch.empty(rows, dtype=torch.float32, device=q_mem.device)
+    BU = 16  # units per program
+    _unit_scores_kernel[(-(-rows // BU),)](reprs, mean, scores, n, rows, Hq * D, BU=BU, BK=256)
+    return scores
+
+
 def ring_write(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos):
     """infllm.ContextMemory._attend_piece's writes of a piece into the ring on an eager GPU in one kernel (instead
     of 7): keys k and values v [Hkv, T, D] (any strides) at slot position % ring size, the keys also rotated by
@@ -783,6 +799,31 @@ if triton is not None:
         tl.store(slot_unit + v, tl.where(ok, u, -1), mask=in_k)
         tl.store(unit_slot + tl.where(ok, u, SCRATCH), tl.where(ok, v, -1), mask=in_k)
         tl.store(slot_used + v, tl.where(ok, now, -1), mask=in_k)
+
+    @triton.jit
+    def _mean_query_kernel(q, real, mean, T, D, SQH, SQT, BT: tl.constexpr, BD: tl.constexpr):
+        h, d = tl.program_id(0), tl.arange(0, BD)
+        acc = tl.zeros([BD], tl.float32)
+        count = tl.zeros([BT], tl.float32)
+        for t0 in range(0, T, BT):
+            t = t0 + tl.arange(0, BT)
+            live = (tl.load(real + t, mask=t < T, other=0) != 0) & (t < T)
+            x = tl.load(q + h * SQH + t[:, None] * SQT + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
+            acc += tl.sum(x.to(tl.float32), axis=0)
+            count += live.to(tl.float32)
+        tl.store(mean + h * D + d, acc / tl.maximum(tl.sum(count, axis=0), 1.0), mask=d < D)
+
+    @triton.jit
+    def _unit_scores_kernel(reprs, mean, scores, n, ROWS, K, BU: tl.constexpr, BK: tl.constexpr):
+        u = tl.program_id(0) * BU + tl.arange(0, BU)
+        acc = tl.zeros([BU], tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            w = tl.load(mean + k, mask=k < K, other=0.0)
+            x = tl.load(reprs + u[:, None].to(tl.int64) * K + k[None, :], mask=(u < ROWS)[:, None] & (k < K)[None, :],
+                        other=0.0)
+            acc += tl.sum(x.to(tl.float32) * w[None, :], axis=1)
+        tl.store(scores + u, tl.where(u < tl.load(n), acc, float("-inf")), mask=u < ROWS)
 
     @triton.jit
     def _ring_write_kernel(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos, T, HALF, R, HQ,

@@ -160,7 +160,7 @@ def test_wavefront_and_unit_loads_have_streams_of_their_own():
 
 @pytest.mark.parametrize("wavefront", [0, 1])
 def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
-    """kernels.ring_write, window_mask, lru_fetch, memory_part and retire (the eager GPU's bookkeeping of a piece)
+    """kernels.ring_write, window_mask, unit_scores, lru_fetch, memory_part and retire (the eager GPU's bookkeeping)
     against the PyTorch operations of infllm.py beside them, end to end: the same logits, tokens, hit and miss counts, cached
     units (least recently used first), stored units and representative keys, init tokens and counters, after a
     prompt whose pieces evict units (4 device slots, 3 units a lookup) and a few decoding steps, from CUDA graphs."""
@@ -171,8 +171,8 @@ def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
     for fused in (True, False):
         caches = make_caches(model, "infllm", SMALL, "triton")
         for c in caches:
-            assert c.fused and c.units.fused_fetch and c.fused_retire and c.fused_memory
-            c.fused = c.units.fused_fetch = c.fused_retire = c.fused_memory = fused
+            assert c.fused and c.units.fused_fetch and c.units.fused_scores and c.fused_retire and c.fused_memory
+            c.fused = c.units.fused_fetch = c.units.fused_scores = c.fused_retire = c.fused_memory = fused
         fixed = FixedShapes(model, caches, wavefront=wavefront)
         logits = prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=8)
         new = decode(model, caches, logits, 8, forward=fixed)
