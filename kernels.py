@@ -424,6 +424,7 @@ def ring_write(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ri
     of 7): keys k and values v [Hkv, T, D] (any strides) at slot position % ring size, the keys also rotated by
     cos and sin [T, D] (as rotate does), the slots' local scores zeroed, their positions (-1: padding) set."""
     Hkv, T, D = k.shape
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
     BT = 32  # tokens per program
     _ring_write_kernel[(-(-T // BT), Hkv + 1)](k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos,
                                               T, D // 2, ring_k.shape[1], ring_score.shape[0], k.stride(0), k.stride(1),
