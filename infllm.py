@@ -173,7 +173,8 @@ class MemoryUnits:
 
     AGE = 1 << 24  # slot age key = last use * AGE + unit: ties between units used together go to the lower
 
-    def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype, parallel=False, compiled=False):
+    def __init__(self, cfg: InfLLMConfig, n_heads, n_kv_heads, head_dim, device, dtype, parallel=False, compiled=False,
+                 fused=False):
         self.cfg, self.device, self.dtype = cfg, torch.device(device or "cpu"), dtype
         self.parallel = parallel  # tensor parallel: these are one process's share of the heads
         self.compiled = compiled  # read by the compiled piece step: growing storage is marked dynamic
@@ -209,6 +210,12 @@ class MemoryUnits:
         self.load_units = torch.zeros(cfg.topk, dtype=torch.long, device=device)
         self.load_slots = torch.full((cfg.topk,), -1, dtype=torch.long, device=device)
         self.stage_k = self.stage_v = self.stage_rows = None
+        # fused (an eager GPU, see ContextMemory): fetch's bookkeeping in one kernel, kernels.lru_fetch, which
+        # ranks the slots by comparing every pair in one program: up to 128 slots.
+        self.fused_fetch = fused and S <= 128
+        # And the reference's unit scores in two kernels (kernels.unit_scores); the options and tensor parallel's
+        # sum over processes take score_units.
+        self.fused_scores = (fused and not parallel and cfg.repr_scoring == "mean" and cfg.lookup_queries == "mean")
         if self.loader is not None:
             most = new_units_most(cfg, cfg.exc_block_size)
             self.stage_k = torch.zeros(most, *self.block, device=device, dtype=self.store)
@@ -315,13 +322,17 @@ class MemoryUnits:
         # query, with lookup_queries=each) is a sum over all query heads, so the processes add their
         # partial sums, before any max over queries and before the top-k: every process then selects the
         # same units, as one process would. (repr_scoring=best takes its max per head: still a sum over heads.)
-        scores = kernels.score_units(q_mem, self.reprs, real, best_token=self.cfg.repr_scoring == "best",
-                                     each_query=self.cfg.lookup_queries == "each",
-                                     over_heads=sum_scores_over_processes if self.parallel else None)
-        if self.last is not None:
-            self.last.update(queries=q_mem, scores=scores)  # [Hq, T, D], [n]
-        stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
-        units = kernels.select_units(scores.masked_fill(~stored, float("-inf")), self.cfg.topk)
+        if self.fused_scores and self.last is None:  # the same, in two kernels (kernels.unit_scores)
+            scores = kernels.unit_scores(q_mem, real, self.reprs, self.n)
+        else:
+            scores = kernels.score_units(q_mem, self.reprs, real, best_token=self.cfg.repr_scoring == "best",
+                                         each_query=self.cfg.lookup_queries == "each",
+                                         over_heads=sum_scores_over_processes if self.parallel else None)
+            if self.last is not None:
+                self.last.update(queries=q_mem, scores=scores)  # [Hq, T, D], [n]
+            stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
+            scores = scores.masked_fill(~stored, float("-inf"))
+        units = kernels.select_units(scores, self.cfg.topk)
         valid = (units < self.n) & real.any()  # ascending: the stored units come first
         self.lookups += valid.any()
         return units, valid, self.fetch(units, valid)
@@ -333,6 +344,11 @@ class MemoryUnits:
         S = self.cfg.max_cached_block
         if valid is None:
             valid = torch.ones_like(units, dtype=torch.bool)
+        if self.fused_fetch:  # the same bookkeeping in one kernel: the lines below launch some 50, each tiny
+            victim = kernels.lru_fetch(units, valid, self.unit_slot, self.slot_unit, self.slot_used, self.clock,
+                                       self.hits, self.misses, self.load_units, self.load_slots, self.AGE)
+            self._start_loads()
+            return victim
         self.clock += 1
         slots = torch.where(valid, self.unit_slot[units], -1)
         hit = slots >= 0  # a unit that is not stored never has a slot
@@ -504,7 +520,17 @@ class ContextMemory:
         if cfg.memory_positions == "ordered":  # the memory part's queries one stretch further, each key at its slot's
             query = torch.tensor([cfg.n_local - 1 + self.ordered_span() - 1], device=device)
             self.ordered_angles = (rope.angles(query, self.ring_k.dtype), rope.angles(self.slot_positions(), self.ring_k.dtype))
-        self.units = MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, fuse) if self.use_units else None
+        # An eager GPU writes the ring, builds the masks and the memory part, looks units up and retires tokens
+        # in Triton kernels of kernels.py (a few instead of some 150 tiny PyTorch ones); the PyTorch lines beside
+        # each call say what it does, and stay the specification ("plain" runs them on a GPU too). Compiled,
+        # inductor fuses those lines itself. Units must be in the model's dtype, and retire averages the
+        # representative keys (the reference's).
+        self.fused = (torch.device(device or "cpu").type == "cuda" and not fuse and kernel != "plain"
+                      and kernels.triton is not None)
+        self.units = (MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, fuse, self.fused)
+                      if self.use_units else None)
+        self.fused_retire = self.fused and self.use_units and not self.units.fp8 and cfg.repr_scoring == "mean"
+        self.fused_memory = self.fused and self.use_units and not self.units.fp8  # kernels.memory_part
         self.trace = None  # set to a list to record every piece's selected units (tests, inspection)
 
     def reserve(self, n_tokens):
@@ -585,13 +611,17 @@ class ContextMemory:
         t = torch.arange(P, device=dev)
         real = t < n
         at = self.pos_d + t  # the piece's positions
-        new = at % R  # padding lands in slots of tokens that already left the ring, marked empty
-        self.ring_k.index_copy_(1, new, k)
         at_angles = self.rope.angles(at, k.dtype)  # the piece's keys and its queries in the window
-        self.ring_kr.index_copy_(1, new, self.rope(k, angles=at_angles))
-        self.ring_v.index_copy_(1, new, v)
-        self.ring_score.index_fill_(1, new, 0.0)
-        self.ring_pos.index_copy_(0, new, torch.where(real, at, -1))
+        if self.fused:  # the same writes in one kernel (kernels.ring_write)
+            kernels.ring_write(k, v, *at_angles, at, real, self.ring_k, self.ring_kr, self.ring_v, self.ring_score,
+                               self.ring_pos)
+        else:
+            new = at % R  # padding lands in slots of tokens that already left the ring, marked empty
+            self.ring_k.index_copy_(1, new, k)
+            self.ring_kr.index_copy_(1, new, self.rope(k, angles=at_angles))
+            self.ring_v.index_copy_(1, new, v)
+            self.ring_score.index_fill_(1, new, 0.0)
+            self.ring_pos.index_copy_(0, new, torch.where(real, at, -1))
 
         # Memory part: all its keys at position 0 and the queries at n_local - 1. The lookup comes
         # first, so that the selected units load from host memory while the local part is computed.
@@ -603,7 +633,10 @@ class ContextMemory:
         # slot order (attention does not depend on the order of its keys), its slots' positions p
         # telling which keys a query sees. Padding queries see nothing and add to no local score.
         p = self.ring_pos
-        mask_local = (p[None, :] <= at[:, None]) & (p[None, :] > at[:, None] - N) & (p >= 0)[None, :] & real[:, None]
+        if self.fused:
+            mask_local = kernels.window_mask(p, at, real, N)  # the same in one kernel
+        else:
+            mask_local = (p[None, :] <= at[:, None]) & (p[None, :] > at[:, None] - N) & (p >= 0)[None, :] & real[:, None]
         local = self.attend_local(self.rope(q, angles=at_angles), self.ring_kr, self.ring_v, mask_local)
 
         k_mem, v_mem, mask_mem, chosen = self._memory(at, real, selected)
@@ -627,6 +660,12 @@ class ContextMemory:
         seen in exactly one part. (The authors' code lets each chunk see its whole far remainder,
         some of it also through the window; the difference is a few tokens per query.)"""
         cfg, dev = self.cfg, self.ring_k.device
+        if self.fused_memory:  # the same in one kernel: the lines below launch some 35, each tiny
+            units, valid, slots = selected
+            self.units.join_copies()
+            k, v, mask = kernels.memory_part(self.units.pool_k, self.units.pool_v, slots, valid, self.init_k, self.init_v,
+                                             self.n_init_d, self.ring_k, self.ring_v, self.start_d, at, real, cfg.n_local)
+            return k, v, mask, torch.where(valid, units, -1)
         k_init, v_init, mask_init = self._init_part(real)
         # The oldest recent tokens: at most P + block_size - 1 of them are out of some query's window.
         far = self.start_d + torch.arange(at.shape[0] + cfg.block_size - 1, device=dev)
@@ -663,6 +702,13 @@ class ContextMemory:
         becomes a memory unit, its representative key chosen by the tokens' local scores. How many of
         each is known on the device only: a piece moves a fixed most of each, masked."""
         cfg, dev, R = self.cfg, self.ring_k.device, self.ring
+        if self.fused_retire:  # the same in two kernels: the lines below launch some 50, each tiny
+            u = self.units
+            kernels.retire(self.ring_k, self.ring_v, self.ring_score, self.init_k, self.init_v, self.pos_d, self.start_d,
+                           self.n_init_d, u.n, u.reprs, u.stage_k, u.stage_v, u.stage_rows, cfg.n_local, cfg.repr_topk,
+                           min(cfg.n_init, P), new_units_most(cfg, P))
+            u._start_write_back()
+            return
         extra = self.pos_d - self.start_d - cfg.n_local  # tokens beyond the window
         take = torch.minimum(cfg.n_init - self.n_init_d, extra).clamp(min=0)
         most = min(cfg.n_init, P)  # while init fills, at most P tokens leave the window per piece

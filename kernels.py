@@ -379,6 +379,104 @@ def rotate(x, cos, sin):
     return out
 
 
+def rms_norm(x, weight, eps):
+    """model.RMSNorm on an eager GPU in one kernel (instead of 9): each row normalised in float32, rounded to
+    x's dtype, then scaled by the weight, as the reference rounds."""
+    rows = x.reshape(-1, x.shape[-1])
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.shape[1], rows.stride(0), eps,
+                                       BD=triton.next_power_of_2(rows.shape[1]))
+    return out.view(*x.shape[:-1], -1)
+
+
+def lru_fetch(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses, load_units, load_slots, age_key):
+    """infllm.MemoryUnits.fetch's bookkeeping on an eager GPU in one kernel of one program (instead of some
+    50 kernels): the slot each selected unit takes (a miss evicts the least recently used unit not selected
+    now), the state's update, and the copies to start (load_units, load_slots). Returns the slots. Among free
+    slots it may pick another than fetch's argsort does: which free slot a unit takes changes no result."""
+    K, S = units.shape[0], slot_used.shape[0] - 1
+    victim = torch.empty_like(units)
+    _lru_fetch_kernel[(1,)](units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses, load_units, load_slots,
+                            victim, K, S, unit_slot.shape[0] - 1, AGE=age_key, BK=triton.next_power_of_2(K),
+                            BS=triton.next_power_of_2(S))
+    return victim
+
+
+def unit_scores(q_mem, real, reprs, n):
+    """score_units as the reference scores (the real queries averaged, dotted with each unit's representative
+    key), then -inf past the n units stored, on an eager GPU in two kernels that read the representative keys
+    in their own dtype (score_units makes a float32 copy of all of them for every lookup). -> [rows] float32."""
+    Hq, T, D = q_mem.shape
+    q_mem = q_mem if q_mem.stride(-1) == 1 else q_mem.contiguous()
+    mean = torch.empty(Hq * D, dtype=torch.float32, device=q_mem.device)
+    _mean_query_kernel[(Hq,)](q_mem, real, mean, T, D, q_mem.stride(0), q_mem.stride(1), BT=32,
+                              BD=triton.next_power_of_2(D))
+    rows = reprs.shape[0]
+    scores = torch.empty(rows, dtype=torch.float32, device=q_mem.device)
+    BU = 16  # units per program
+    _unit_scores_kernel[(-(-rows // BU),)](reprs, mean, scores, n, rows, Hq * D, BU=BU, BK=256)
+    return scores
+
+
+def ring_write(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos):
+    """infllm.ContextMemory._attend_piece's writes of a piece into the ring on an eager GPU in one kernel (instead
+    of 7): keys k and values v [Hkv, T, D] (any strides) at slot position % ring size, the keys also rotated by
+    cos and sin [T, D] (as rotate does), the slots' local scores zeroed, their positions (-1: padding) set."""
+    Hkv, T, D = k.shape
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    BT = 32  # tokens per program
+    _ring_write_kernel[(-(-T // BT), Hkv + 1)](k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos,
+                                              T, D // 2, ring_k.shape[1], ring_score.shape[0], k.stride(0), k.stride(1),
+                                              v.stride(0), v.stride(1), BT=BT, BH=triton.next_power_of_2(D // 2),
+                                              BQ=triton.next_power_of_2(ring_score.shape[0]))
+
+
+def window_mask(ring_pos, at, real, n_local):
+    """The local part's mask [T, R] in one kernel (instead of 6): query t sees the ring slots that hold one of
+    its n_local latest positions, up to its own (padding queries see none)."""
+    T, R = at.shape[0], ring_pos.shape[0]
+    mask = torch.empty(T, R, dtype=torch.bool, device=at.device)
+    BT, BR = 32, 128
+    _window_mask_kernel[(-(-T // BT), -(-R // BR))](ring_pos, at, real, mask, T, R, n_local, BT=BT, BR=BR)
+    return mask
+
+
+def memory_part(pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at, real, n_local):
+    """infllm.ContextMemory._memory's keys, values and mask on an eager GPU in one kernel (instead of some 35):
+    the selected units from their device slots, the init tokens, the far remainder from the ring, [Hkv, M, D]
+    each in that order, and the mask [T, M] of a piece's queries at positions at (real: not padding)."""
+    _, Hkv, B, D = pool_k.shape
+    U, I, R, T = slots.shape[0] * B, init_k.shape[1], ring_k.shape[1], at.shape[0]
+    M = U + I + T + B - 1
+    k = torch.empty(Hkv, M, D, dtype=ring_k.dtype, device=ring_k.device)
+    v = torch.empty_like(k)
+    mask = torch.empty(T, M, dtype=torch.bool, device=ring_k.device)
+    BJ = 64  # key slots per program
+    _memory_part_kernel[(-(-M // BJ), Hkv + 1)](pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v,
+                                                start_d, at, real, k, v, mask, n_local, Hkv, B, D, U, I, R, T, M,
+                                                BJ=BJ, BT=32, BD=triton.next_power_of_2(D))
+    return k, v, mask
+
+
+def retire(ring_k, ring_v, ring_score, init_k, init_v, pos_d, start_d, n_init_d, n_units, reprs, stage_k, stage_v,
+           stage_rows, n_local, repr_topk, most_init, most_units):
+    """infllm.ContextMemory._retire on an eager GPU in two kernels (instead of some 50): the tokens that left
+    the window fill init, then each full block of them becomes a unit (its keys and values staged for the
+    write-back, its representative key the mean of its repr_topk best-scored keys per head), then the
+    counters move. How many of each only the device knows: the first kernel reads the counters, the second
+    (after it) moves them. Units in the model's dtype with averaged representative keys only."""
+    Hkv, R, D = ring_k.shape
+    Hq, B, n_init = ring_score.shape[0], stage_k.shape[2], init_k.shape[1] - 1
+    args = (pos_d, start_d, n_init_d, n_units, stage_rows, n_local, n_init, B, most_units)
+    programs = most_units * Hq + (1 if most_init else 0)
+    if programs:
+        _retire_kernel[(programs,)](ring_k, ring_v, ring_score, init_k, init_v, reprs, stage_k, stage_v, R, D, Hkv, Hq,
+                                    *args, RTOP=repr_topk, MOST_INIT=most_init, BB=triton.next_power_of_2(B),
+                                    BD=triton.next_power_of_2(D), BI=triton.next_power_of_2(max(most_init, 1)))
+    _retire_counters_kernel[(1,)](*args, stage_rows.shape[0], BS=triton.next_power_of_2(stage_rows.shape[0]))
+
+
 def pinned_empty(shape, dtype):
     """Page-locked host memory of exactly this size. torch's pinned allocator rounds every block up to a
     power of two and keeps freed blocks for reuse, so 1.07 GB of units would hold 2 GB, and the storage
@@ -661,6 +759,212 @@ if triton is not None:
         dst = out + h * T * 2 * HALF + t[:, None] * 2 * HALF + i[None, :]
         tl.store(dst, (x1 * c - x2 * s).to(out.dtype.element_ty), mask=ok)
         tl.store(dst + HALF, (x2 * c + x1 * s).to(out.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rms_norm_kernel(x, weight, out, D, SX, eps, BD: tl.constexpr):
+        r, d = tl.program_id(0), tl.arange(0, BD)
+        xf = tl.load(x + r * SX + d, mask=d < D, other=0.0).to(tl.float32)
+        normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype.element_ty)
+        w = tl.load(weight + d, mask=d < D, other=0.0)
+        tl.store(out + r * D + d, (normed.to(tl.float32) * w.to(tl.float32)).to(out.dtype.element_ty), mask=d < D)
+
+    @triton.jit
+    def _lru_fetch_kernel(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses, load_units, load_slots,
+                          victim, K, S, SCRATCH, AGE: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
+        k, s = tl.arange(0, BK), tl.arange(0, BS)
+        in_k, in_s = k < K, s < S
+        u = tl.load(units + k, mask=in_k, other=0)
+        ok = (tl.load(valid + k, mask=in_k, other=0) != 0) & in_k
+        slot = tl.where(ok, tl.load(unit_slot + u, mask=ok, other=-1), -1)
+        hit, miss = slot >= 0, ok & (slot < 0)
+        now = tl.load(clock) + 1
+        # Eviction order as in fetch: free slots first, then by last use, then by unit; never a slot selected now.
+        age = tl.load(slot_used + s, mask=in_s, other=0) * AGE + tl.load(slot_unit + s, mask=in_s, other=0)
+        protected = tl.sum((hit[None, :] & (slot[None, :] == s[:, None])).to(tl.int32), axis=1) > 0
+        age = tl.where(protected | (s >= S), 1 << 62, age)
+        # Each slot's rank in that order (ties by slot): the j-th miss takes the slot of rank j.
+        before = (age[None, :] < age[:, None]) | ((age[None, :] == age[:, None]) & (s[None, :] < s[:, None]))
+        rank = tl.sum(before.to(tl.int32), axis=1)
+        j = tl.cumsum(miss.to(tl.int32), axis=0) - 1
+        pick = tl.sum(tl.where(rank[None, :] == j[:, None], s[None, :], 0), axis=1)
+        v = tl.where(hit, slot, tl.where(miss, pick, S))  # slot S: scratch
+        old = tl.load(slot_unit + v, mask=in_k, other=-1)
+        # Every read is done: the writes below cannot change what it read.
+        tl.store(clock, now)
+        tl.store(hits, tl.load(hits) + tl.sum(hit.to(tl.int64), axis=0))
+        tl.store(misses, tl.load(misses) + tl.sum(miss.to(tl.int64), axis=0))
+        tl.store(victim + k, v, mask=in_k)
+        tl.store(load_units + k, u, mask=in_k)
+        tl.store(load_slots + k, tl.where(miss, v, -1), mask=in_k)
+        tl.store(unit_slot + old, tl.full([BK], -1, tl.int64), mask=miss & (old >= 0))
+        tl.store(slot_unit + v, tl.where(ok, u, -1), mask=in_k)
+        tl.store(unit_slot + tl.where(ok, u, SCRATCH), tl.where(ok, v, -1), mask=in_k)
+        tl.store(slot_used + v, tl.where(ok, now, -1), mask=in_k)
+
+    @triton.jit
+    def _mean_query_kernel(q, real, mean, T, D, SQH, SQT, BT: tl.constexpr, BD: tl.constexpr):
+        h, d = tl.program_id(0), tl.arange(0, BD)
+        acc = tl.zeros([BD], tl.float32)
+        count = tl.zeros([BT], tl.float32)
+        for t0 in range(0, T, BT):
+            t = t0 + tl.arange(0, BT)
+            live = (tl.load(real + t, mask=t < T, other=0) != 0) & (t < T)
+            x = tl.load(q + h * SQH + t[:, None] * SQT + d[None, :], mask=live[:, None] & (d < D)[None, :], other=0.0)
+            acc += tl.sum(x.to(tl.float32), axis=0)
+            count += live.to(tl.float32)
+        tl.store(mean + h * D + d, acc / tl.maximum(tl.sum(count, axis=0), 1.0), mask=d < D)
+
+    @triton.jit
+    def _unit_scores_kernel(reprs, mean, scores, n, ROWS, K, BU: tl.constexpr, BK: tl.constexpr):
+        u = tl.program_id(0) * BU + tl.arange(0, BU)
+        acc = tl.zeros([BU], tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            w = tl.load(mean + k, mask=k < K, other=0.0)
+            x = tl.load(reprs + u[:, None].to(tl.int64) * K + k[None, :], mask=(u < ROWS)[:, None] & (k < K)[None, :],
+                        other=0.0)
+            acc += tl.sum(x.to(tl.float32) * w[None, :], axis=1)
+        tl.store(scores + u, tl.where(u < tl.load(n), acc, float("-inf")), mask=u < ROWS)
+
+    @triton.jit
+    def _ring_write_kernel(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos, T, HALF, R, HQ,
+                           SKH, SKT, SVH, SVT, BT: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr):
+        tb, h = tl.program_id(0), tl.program_id(1)
+        t = tb * BT + tl.arange(0, BT)
+        pos = tl.load(at + t, mask=t < T, other=0)
+        slot = pos % R  # padding lands in slots of tokens that already left the ring, marked empty below
+        if h < tl.num_programs(1) - 1:  # key head h
+            i = tl.arange(0, BH)
+            ok = (t < T)[:, None] & (i < HALF)[None, :]
+            src, dst = k + h * SKH + t[:, None] * SKT + i[None, :], (h * R + slot)[:, None] * 2 * HALF + i[None, :]
+            x1, x2 = tl.load(src, mask=ok, other=0.0), tl.load(src + HALF, mask=ok, other=0.0)
+            tl.store(ring_k + dst, x1, mask=ok)
+            tl.store(ring_k + dst + HALF, x2, mask=ok)
+            a = t[:, None] * 2 * HALF + i[None, :]
+            c = tl.load(cos + a, mask=ok, other=0.0).to(tl.float32)
+            s = tl.load(sin + a, mask=ok, other=0.0).to(tl.float32)
+            x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+            tl.store(ring_kr + dst, (x1 * c - x2 * s).to(ring_kr.dtype.element_ty), mask=ok)
+            tl.store(ring_kr + dst + HALF, (x2 * c + x1 * s).to(ring_kr.dtype.element_ty), mask=ok)
+            src = v + h * SVH + t[:, None] * SVT + i[None, :]
+            tl.store(ring_v + dst, tl.load(src, mask=ok), mask=ok)
+            tl.store(ring_v + dst + HALF, tl.load(src + HALF, mask=ok), mask=ok)
+        else:  # the slots' positions and local scores
+            live = tl.load(real + t, mask=t < T, other=0) != 0
+            tl.store(ring_pos + slot, tl.where(live, pos, -1), mask=t < T)
+            q = tl.arange(0, BQ)
+            tl.store(ring_score + q[:, None] * R + slot[None, :], tl.zeros([BQ, BT], tl.float32),
+                     mask=(q < HQ)[:, None] & (t < T)[None, :])
+
+    @triton.jit
+    def _window_mask_kernel(ring_pos, at, real, mask, T, R, n_local, BT: tl.constexpr, BR: tl.constexpr):
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        r = tl.program_id(1) * BR + tl.arange(0, BR)
+        q_at = tl.load(at + t, mask=t < T, other=0)
+        live = tl.load(real + t, mask=t < T, other=0) != 0
+        p = tl.load(ring_pos + r, mask=r < R, other=-1)
+        seen = ((p[None, :] <= q_at[:, None]) & (p[None, :] > q_at[:, None] - n_local) & (p >= 0)[None, :]
+                & live[:, None])
+        tl.store(mask + t[:, None] * R + r[None, :], seen, mask=(t < T)[:, None] & (r < R)[None, :])
+
+    @triton.jit
+    def _three_sources(unit, init, ring, dst, at_unit, at_init, at_far, out, is_unit, is_init, is_far, ok, ok_j):
+        # Each row comes from one of the three (the other two loads are masked off and add zeros).
+        x = (tl.load(unit + at_unit, mask=is_unit[:, None] & ok, other=0.0)
+             + tl.load(init + at_init, mask=is_init[:, None] & ok, other=0.0)
+             + tl.load(ring + at_far, mask=is_far[:, None] & ok, other=0.0))
+        tl.store(dst + out, x, mask=ok_j)
+
+    @triton.jit
+    def _memory_part_kernel(pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at, real,
+                            k, v, mask, n_local, HKV, B, D, U, I, R, T, M,
+                            BJ: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+        jb, h = tl.program_id(0), tl.program_id(1)
+        j = jb * BJ + tl.arange(0, BJ)
+        is_unit, is_init, is_far = j < U, (j >= U) & (j < U + I), (j >= U + I) & (j < M)
+        unit_i = tl.where(is_unit, j // B, 0)
+        far_pos = tl.load(start_d) + tl.where(is_far, j - U - I, 0)  # the far remainder's positions
+        if h < HKV:  # key head h's keys and values of this block of slots
+            d = tl.arange(0, BD)
+            ok = (d < D)[None, :]
+            at_unit = ((tl.load(slots + unit_i, mask=is_unit, other=0) * HKV + h) * B + j % B)[:, None] * D + d[None, :]
+            at_init = (h * I + tl.where(is_init, j - U, 0))[:, None] * D + d[None, :]
+            at_far = (h * R + far_pos % R)[:, None] * D + d[None, :]
+            out = (h * M + j)[:, None] * D + d[None, :]
+            ok_j = (j < M)[:, None] & ok
+            _three_sources(pool_k, init_k, ring_k, k, at_unit, at_init, at_far, out, is_unit, is_init, is_far, ok, ok_j)
+            _three_sources(pool_v, init_v, ring_v, v, at_unit, at_init, at_far, out, is_unit, is_init, is_far, ok, ok_j)
+        else:  # the mask: a valid unit, an init token held, a far token n_local or more behind the query
+            seen = ((is_unit & (tl.load(valid + unit_i, mask=is_unit, other=0) != 0))
+                    | (is_init & (j - U < tl.load(n_init_d))) | is_far)
+            for t0 in range(0, T, BT):
+                t = t0 + tl.arange(0, BT)
+                q_at = tl.load(at + t, mask=t < T, other=0)
+                q_real = tl.load(real + t, mask=t < T, other=0) != 0
+                m = (seen[None, :] & q_real[:, None]
+                     & (~is_far[None, :] | (q_at[:, None] - far_pos[None, :] >= n_local)))
+                tl.store(mask + t[:, None] * M + j[None, :], m, mask=(t < T)[:, None] & (j < M)[None, :])
+
+    @triton.jit
+    def _retiring(pos_d, start_d, n_init_d, n_units, n_local, n_init, B):
+        """From the counters: where the oldest recent token sits, init tokens held, units stored, and how many
+        tokens go to init (take) and units are made (n_new) now, as _retire decides them."""
+        start, held, n = tl.load(start_d), tl.load(n_init_d), tl.load(n_units)
+        extra = tl.load(pos_d) - start - n_local  # tokens beyond the window
+        take = tl.maximum(tl.minimum(n_init - held, extra), 0)
+        n_new = tl.maximum(extra - take, 0) // B
+        return start, held, n, take, n_new
+
+    @triton.jit
+    def _retire_kernel(ring_k, ring_v, ring_score, init_k, init_v, reprs, stage_k, stage_v, R, D, HKV, HQ,
+                       pos_d, start_d, n_init_d, n_units, stage_rows, n_local, n_init, B, MOST_UNITS,
+                       RTOP: tl.constexpr, MOST_INIT: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr):
+        p = tl.program_id(0)
+        start, held, n, take, n_new = _retiring(pos_d, start_d, n_init_d, n_units, n_local, n_init, B)
+        d = tl.arange(0, BD)
+        if p < MOST_UNITS * HQ:  # unit m, query head h
+            m, h = p // HQ, p % HQ
+            b = tl.arange(0, BB)
+            inside = b < B
+            slot = (start + take + m * B + b) % R
+            if m < n_new:
+                # The repr_topk keys of the highest local score for head h (ties: the earlier token), averaged.
+                sc = tl.load(ring_score + h * R + slot, mask=inside, other=float("-inf"))
+                before = (sc[None, :] > sc[:, None]) | ((sc[None, :] == sc[:, None]) & (b[None, :] < b[:, None]))
+                best = (tl.sum(before.to(tl.int32), axis=1) < RTOP) & inside
+                kv = h // (HQ // HKV)
+                ok = best[:, None] & (d < D)[None, :]
+                keys = tl.load(ring_k + kv * R * D + slot[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
+                tl.store(reprs + (n + m) * HQ * D + h * D + d, (tl.sum(keys, axis=0) / RTOP).to(reprs.dtype.element_ty),
+                         mask=d < D)
+                if h < HKV:  # the unit's keys and values of key head h, staged for the write-back
+                    ok = inside[:, None] & (d < D)[None, :]
+                    src = h * R * D + slot[:, None] * D + d[None, :]
+                    dst = (m * HKV + h) * B * D + b[:, None] * D + d[None, :]
+                    tl.store(stage_k + dst, tl.load(ring_k + src, mask=ok), mask=ok)
+                    tl.store(stage_v + dst, tl.load(ring_v + src, mask=ok), mask=ok)
+                if h == 0:
+                    tl.store(stage_rows + m, n + m)
+            elif h == 0:
+                tl.store(stage_rows + m, -1)  # no unit: nothing crosses PCIe
+        else:  # the tokens that fill init, every key head
+            i = tl.arange(0, BI)
+            ok = (i < tl.minimum(take, MOST_INIT))[:, None] & (d < D)[None, :]
+            src = ((start + i) % R)[:, None] * D + d[None, :]
+            dst = (held + i)[:, None] * D + d[None, :]
+            for kv in range(0, HKV):
+                tl.store(init_k + kv * (n_init + 1) * D + dst, tl.load(ring_k + kv * R * D + src, mask=ok), mask=ok)
+                tl.store(init_v + kv * (n_init + 1) * D + dst, tl.load(ring_v + kv * R * D + src, mask=ok), mask=ok)
+
+    @triton.jit
+    def _retire_counters_kernel(pos_d, start_d, n_init_d, n_units, stage_rows, n_local, n_init, B, MOST_UNITS, NSTAGE,
+                                BS: tl.constexpr):
+        start, held, n, take, n_new = _retiring(pos_d, start_d, n_init_d, n_units, n_local, n_init, B)
+        tl.store(n_init_d, held + take)
+        tl.store(start_d, start + take + n_new * B)
+        tl.store(n_units, n + n_new)
+        j = tl.arange(0, BS)
+        tl.store(stage_rows + j, tl.full([BS], -1, tl.int64), mask=(j >= MOST_UNITS) & (j < NSTAGE))
 
     @triton.jit
     def _gather_kernel(src_addr, rows, dst, dst_rows, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):

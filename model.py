@@ -132,7 +132,7 @@ class Rotary(nn.Module):
     def angles(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of positions pos [T], each [T, head_dim] in dtype: computed once for every tensor
         rotated to the same positions (a piece's queries and keys; memory's one fixed position)."""
-        if _fused_rope(pos, dtype):
+        if _fused(pos, dtype):
             return kernels.rope_angles(pos, self.inv_freq, dtype)
         acc = torch.promote_types(dtype, torch.float32)
         # Angles in float64, reduced to one turn: InfLLM's window keys sit at their absolute positions, and
@@ -146,16 +146,16 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, angles=None) -> torch.Tensor:
         """Rotate x [..., T, head_dim] to positions pos [T], or by their angles (Hugging Face's half-split layout)."""
         cos, sin = self.angles(pos, x.dtype) if angles is None else angles
-        if _fused_rope(x, x.dtype):
+        if _fused(x, x.dtype):
             return kernels.rotate(x.reshape(-1, *x.shape[-2:]), cos, sin).view(x.shape)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _fused_rope(t: torch.Tensor, dtype) -> bool:
-    """Rotations on an eager GPU run as one Triton kernel each (kernels.rotate, kernels.rope_angles): in
-    PyTorch operations they took some 30 kernels per layer and piece, each covering the GPU. Compiled,
-    inductor fuses the PyTorch operations itself; float64 (the tests' oracle) stays in PyTorch."""
+def _fused(t: torch.Tensor, dtype) -> bool:
+    """Rotations and norms on an eager GPU run as one Triton kernel each (kernels.rotate, kernels.rope_angles,
+    kernels.rms_norm): in PyTorch operations they took some 45 kernels per layer and piece, each covering the
+    GPU. Compiled, inductor fuses the PyTorch operations itself; float64 (the tests' oracle) stays in PyTorch."""
     return t.is_cuda and dtype != torch.float64 and kernels.triton is not None and not torch.compiler.is_compiling()
 
 
@@ -166,6 +166,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if _fused(x, x.dtype):
+            return kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 as the reference does: bf16 sums of squares lose too much.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -158,6 +158,92 @@ def test_wavefront_and_unit_loads_have_streams_of_their_own():
     assert len(streams) == 60 and len({s.cuda_stream for s in streams}) == 60
 
 
+@pytest.mark.parametrize("wavefront", [0, 1])
+def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
+    """kernels.ring_write, window_mask, unit_scores, lru_fetch, memory_part and retire (the eager GPU's bookkeeping)
+    against the PyTorch operations of infllm.py beside them, end to end: the same logits, tokens, hit and miss counts, cached
+    units (least recently used first), stored units and representative keys, init tokens and counters, after a
+    prompt whose pieces evict units (4 device slots, 3 units a lookup) and a few decoding steps, from CUDA graphs."""
+    from generate import FixedShapes, decode, prefill
+    model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=3).cuda()
+    ids = torch.randint(0, ARGS.vocab_size, (16 * 30 + 5,)).tolist()
+    runs = []
+    for fused in (True, False):
+        caches = make_caches(model, "infllm", SMALL, "triton")
+        for c in caches:
+            assert c.fused and c.units.fused_fetch and c.units.fused_scores and c.fused_retire and c.fused_memory
+            c.fused = c.units.fused_fetch = c.units.fused_scores = c.fused_retire = c.fused_memory = fused
+        fixed = FixedShapes(model, caches, wavefront=wavefront)
+        logits = prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=8)
+        new = decode(model, caches, logits, 8, forward=fixed)
+        torch.cuda.synchronize()
+        state = [(c.units.cached_units(), c.units.host_k[:c.units.count].clone(), c.units.host_v[:c.units.count].clone(),
+                  c.units.reprs[:c.units.count].clone(), c.init_k[:, :int(c.n_init_d)].clone(),
+                  int(c.start_d), int(c.n_init_d), int(c.pos_d)) for c in caches]
+        runs.append((logits, new, memory_stats(caches), state))
+    (a, new_a, stats_a, state_a), (b, new_b, stats_b, state_b) = runs
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert new_a == new_b and stats_a == stats_b
+    for sa, sb in zip(state_a, state_b):
+        assert sa[0] == sb[0] and sa[5:] == sb[5:]
+        assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(sa[1:5], sb[1:5]))
+    assert stats_a["misses"] > 0 and stats_a["hits"] > 0 and stats_a["units"] > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 33), st.integers(1, 16), st.integers(0, 60), st.randoms(use_true_random=False))
+def test_lru_kernel_keeps_fetchs_state(S, topk, n, rng):
+    """Random lookups, some entries not valid, against fetch: after every one the same units cached, each
+    with its last use, the same clock and counts; a miss loads into the slot its unit now holds."""
+    import kernels
+    from infllm import MemoryUnits
+    topk = min(topk, S)
+    cfg = InfLLMConfig(n_init=4, n_local=64, block_size=8, repr_topk=2, topk=topk, max_cached_block=S,
+                       exc_block_size=16, chunk_size=48)
+    ref = MemoryUnits(cfg, 2, 1, 4, "cpu", torch.float32)
+    cap = max(n, topk) + 4
+    ref.reserve(cap)
+    names = ("unit_slot", "slot_unit", "slot_used", "clock", "hits", "misses")
+
+    def cached(t):  # unit -> last use; the two maps (unit -> slot, slot -> unit) agree
+        out = {int(t["slot_unit"][s]): int(t["slot_used"][s]) for s in range(S) if t["slot_unit"][s] >= 0}
+        assert all(int(t["slot_unit"][t["unit_slot"][u]]) == u for u in out)
+        assert int((t["unit_slot"][:-1] >= 0).sum()) == len(out)
+        return out, int(t["clock"]), int(t["hits"]), int(t["misses"])
+
+    for _ in range(20):
+        units = torch.tensor(sorted(rng.sample(range(cap + 1), topk)))
+        valid = torch.tensor([rng.random() < 0.85 for _ in range(topk)]) & (units < n)
+        gpu = {k: getattr(ref, k).cuda() for k in names}
+        loads = torch.zeros(topk, dtype=torch.long, device="cuda"), torch.zeros(topk, dtype=torch.long, device="cuda")
+        slots = kernels.lru_fetch(units.cuda(), valid.cuda(), *(gpu[k] for k in names), *loads, ref.AGE).cpu()
+        ref.fetch(units, valid)
+        got = {k: v.cpu() for k, v in gpu.items()}
+        assert cached(got) == cached({k: getattr(ref, k) for k in names})
+        load_units, load_slots = (x.cpu() for x in loads)
+        for i in range(topk):
+            assert int(got["slot_unit"][slots[i]]) == int(units[i]) if valid[i] else int(slots[i]) == S
+            if load_slots[i] >= 0:  # a miss: its unit copied into the slot it now holds
+                assert valid[i] and load_slots[i] == slots[i] and load_units[i] == units[i]
+        for k in ("unit_slot", "slot_unit", "slot_used"):  # free slots may differ: go on from the kernel's
+            getattr(ref, k).copy_(got[k])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_on_the_gpu_equals_float64(dtype):
+    """kernels.rms_norm (the eager GPU's RMSNorm) within the rounding of the reference's two steps (normalised
+    row to the input's dtype, then the product with the weight) of a float64 norm."""
+    import kernels
+    x = (torch.randn(2, 77, 576, dtype=torch.float64) * 3).to("cuda", dtype)
+    w = (torch.rand(576, dtype=torch.float64) + 0.5).to("cuda", dtype)
+    x64, w64 = x.double(), w.double()
+    expect = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    got = kernels.rms_norm(x, w, 1e-5)
+    assert got.shape == x.shape and got.dtype == dtype
+    tol = 2 * 2.0 ** -8 if dtype == torch.bfloat16 else 1e-5
+    assert ((got.double() - expect).abs() <= tol * expect.abs() + 1e-6).all()
+
+
 def test_pinned_storage_is_mapped_for_the_gpu():
     import kernels
     src = kernels.pinned_empty((7, 2, 4, 3), torch.bfloat16)
