@@ -229,6 +229,24 @@ def test_lru_kernel_keeps_fetchs_state(S, topk, n, rng):
             getattr(ref, k).copy_(got[k])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("Hq, T, D, rows", [(32, 512, 128, 1025), (9, 1, 64, 3), (6, 77, 80, 130), (4, 33, 16, 1)])
+def test_unit_scores_on_the_gpu_equal_float64(dtype, Hq, T, D, rows):
+    """kernels.unit_scores: the real queries averaged per head, dotted with each unit's representative key, -inf
+    past the units stored; against the same in float64 (padding queries and units past n must change nothing)."""
+    import kernels
+    q = torch.randn(Hq, T, D, dtype=torch.float64)
+    reprs = torch.randn(rows, Hq * D, dtype=torch.float64)
+    real = torch.arange(T) < max(1, T - 5)
+    n = max(1, rows - 2)
+    got = kernels.unit_scores(q.to("cuda", dtype), real.cuda(), reprs.to("cuda", dtype), torch.tensor(n).cuda()).cpu()
+    q, reprs = q.to(dtype).double(), reprs.to(dtype).double()  # the inputs as the kernel reads them
+    mean = q[:, real].mean(1).reshape(-1)
+    expect, scale = reprs @ mean, reprs.abs() @ mean.abs()  # float32 sums: rounding grows with the terms' size
+    assert got.shape == (rows,) and torch.isinf(got[n:]).all() and (got[n:] < 0).all()
+    assert ((got[:n].double() - expect[:n]).abs() <= 1e-5 * scale[:n]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rms_norm_on_the_gpu_equals_float64(dtype):
     """kernels.rms_norm (the eager GPU's RMSNorm) within the rounding of the reference's two steps (normalised
@@ -394,7 +412,7 @@ def test_rotations_on_the_gpu_equal_float64(D, base, T, start, dtype, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 300), st.integers(1, 700), st.sampled_from([16, 64, 128]), st.sampled_from([1, 4]),
+@given(st.integers(1, 300), st.integers(1, 700), st.sampled_from([16, 64, 128]), st.sampled_from([1, 3, 4]),
        st.sampled_from([torch.float32, torch.bfloat16]), st.sampled_from(["random", "band"]), st.integers(0, 2**16))
 def test_column_sums_kernel_equals_plain(T, L, D, group, dtype, kind, seed):
     """The Triton column sums on random masks (every block partial) and on window bands (whole blocks
