@@ -493,9 +493,9 @@ class ContextMemory:
         # there it runs unfused (same results, for the tests).
         # The compiled step is one function for every layer, called with the layer: a compiled bound method
         # kept on self would tie self to itself, and its pinned storage would wait for the cycle collector.
-        fuse = kernel == "compiled" or (kernel == "flex" and torch.device(device or "cpu").type == "cuda")
-        self.step = _compiled_step() if fuse else type(self)._attend_piece
-        self.pad = fuse  # a compiled step pads the last piece (one shape); eager, padding is wasted work
+        compiled = kernel == "compiled" or (kernel == "flex" and torch.device(device or "cpu").type == "cuda")
+        self.step = _compiled_step() if compiled else type(self)._attend_piece
+        self.pad = compiled  # a compiled step pads the last piece (one shape); eager, padding is wasted work
         self.n_heads = n_heads
         # A piece arrives while up to n_local + block_size - 1 recent tokens wait: room for both.
         self.ring = cfg.n_local + cfg.block_size + cfg.exc_block_size
@@ -525,10 +525,10 @@ class ContextMemory:
         # each call say what it does, and stay the specification ("plain" runs them on a GPU too). Compiled,
         # inductor fuses those lines itself. Units must be in the model's dtype, and retire averages the
         # representative keys (the reference's).
-        self.fused = (torch.device(device or "cpu").type == "cuda" and not fuse and kernel != "plain"
+        self.fused = (torch.device(device or "cpu").type == "cuda" and not compiled and kernel != "plain"
                       and kernels.triton is not None)
-        self.units = (MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, fuse, self.fused)
-                      if self.use_units else None)
+        self.units = (MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, compiled=compiled,
+                                  fused=self.fused) if self.use_units else None)
         self.fused_retire = self.fused and self.use_units and not self.units.fp8 and cfg.repr_scoring == "mean"
         self.fused_memory = self.fused and self.use_units and not self.units.fp8  # kernels.memory_part
         self.trace = None  # set to a list to record every piece's selected units (tests, inspection)
