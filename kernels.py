@@ -10,7 +10,7 @@ eager GPU; chunk_attention_fused before it, kept for comparison), and on a GPU u
 FlexAttention pair flex_local_part / flex_memory_part; the GPU paths take their local column sums from the Triton
 local_column_sums. Then the rest of an eager GPU's piece step, each the Triton twin of PyTorch lines that stay
 beside its call in model.py and infllm.py as the specification: rotary angles and rotations (rope_angles, rotate),
-rms_norm, the LRU (lru_fetch), the lookup's scores (unit_scores), the ring writes and local mask (ring_write,
+rms_norm, the LRU (lru_fetch), the lookup's scores and selection (unit_scores, select_top), the ring writes and local mask (ring_write,
 window_mask), the memory part (memory_part) and retirement (retire). Last, the page-locked host storage, and at the
 end the Triton kernels and the copies between pinned host memory and the GPU that ContextMemory's unit storage uses.
 """
@@ -421,6 +421,24 @@ def unit_scores(q_mem, real, reprs, n):
     return scores
 
 
+SELECT_MOST = 16384  # scores select_top takes in one program (units of 2M tokens); more go to select_units
+
+
+def select_top(scores, topk, n, real, lookups):
+    """MemoryUnits.lookup's selection on an eager GPU in one kernel (instead of some 13: top-k, two sorts, copies,
+    the valid entries, the lookup count): the topk best rows of scores [rows > topk] float32 (-inf past the n
+    stored units), ascending; valid where the row is stored and some query is real (real [T] bool); lookups (a
+    device count) += any valid. Ties between scores go to the lower row (torch.topk leaves them unspecified);
+    the rows of entries that are not valid may differ from select_units', and nothing reads them."""
+    rows = scores.shape[0]
+    units = torch.empty(topk, dtype=torch.long, device=scores.device)
+    valid = torch.empty(topk, dtype=torch.bool, device=scores.device)
+    BR = triton.next_power_of_2(rows)
+    _select_top_kernel[(1,)](scores, real, n, lookups, units, valid, rows, real.shape[0], K=topk, BR=BR,
+                             BT=triton.next_power_of_2(real.shape[0]), num_warps=8 if BR >= 4096 else 4)
+    return units, valid
+
+
 def ring_write(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos):
     """infllm.ContextMemory._attend_piece's writes of a piece into the ring on an eager GPU in one kernel (instead
     of 7): keys k and values v [Hkv, T, D] (any strides) at slot position % ring size, the keys also rotated by
@@ -827,6 +845,29 @@ if triton is not None:
                         other=0.0)
             acc += tl.sum(x.to(tl.float32) * w[None, :], axis=1)
         tl.store(scores + u, tl.where(u < tl.load(n), acc, float("-inf")), mask=u < ROWS)
+
+    @triton.jit
+    def _select_top_kernel(scores, real, n, lookups, units, valid, ROWS, T, K: tl.constexpr, BR: tl.constexpr,
+                           BT: tl.constexpr):
+        i = tl.arange(0, BR)
+        x = tl.load(scores + i, mask=i < ROWS, other=float("-inf"))
+        # One integer key per row, ordered as (score, then the lower row): the score's bits made to order as
+        # integers do (a negative float's magnitude bits flipped), the row below them. K times, the best key
+        # is taken (set below every key); the taken rows, counted in row order, are the ascending selection.
+        b = x.to(tl.int32, bitcast=True)
+        key = (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64) * 4294967296 + (BR - 1 - i)
+        taken = -9223372036854775807 - 1
+        key = tl.where(i < ROWS, key, taken + 1)
+        for _ in tl.static_range(K):
+            key = tl.where(key == tl.max(key, axis=0), taken, key)
+        chosen = key == taken
+        at = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        t = tl.arange(0, BT)
+        some = tl.max((tl.load(real + t, mask=t < T, other=0) != 0).to(tl.int32), axis=0) > 0
+        ok = chosen & (i < tl.load(n)) & some
+        tl.store(units + at, i.to(tl.int64), mask=chosen)
+        tl.store(valid + at, ok, mask=chosen)
+        tl.store(lookups, tl.load(lookups) + (tl.max(ok.to(tl.int32), axis=0) > 0).to(tl.int64))
 
     @triton.jit
     def _ring_write_kernel(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos, T, HALF, R, HQ,

@@ -160,7 +160,7 @@ def test_wavefront_and_unit_loads_have_streams_of_their_own():
 
 @pytest.mark.parametrize("wavefront", [0, 1])
 def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
-    """kernels.ring_write, window_mask, unit_scores, lru_fetch, memory_part and retire (the eager GPU's bookkeeping)
+    """kernels.ring_write, window_mask, unit_scores, select_top, lru_fetch, memory_part and retire (the eager GPU's bookkeeping)
     against the PyTorch operations of infllm.py beside them, end to end: the same logits, tokens, hit and miss counts, cached
     units (least recently used first), stored units and representative keys, init tokens and counters, after a
     prompt whose pieces evict units (4 device slots, 3 units a lookup) and a few decoding steps, from CUDA graphs."""
@@ -171,8 +171,9 @@ def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
     for fused in (True, False):
         caches = make_caches(model, "infllm", SMALL, "triton")
         for c in caches:
-            assert c.fused and c.units.fused_fetch and c.units.fused_scores and c.fused_retire and c.fused_memory
-            c.fused = c.units.fused_fetch = c.units.fused_scores = c.fused_retire = c.fused_memory = fused
+            u = c.units
+            assert c.fused and u.fused_fetch and u.fused_scores and u.fused_select and c.fused_retire and c.fused_memory
+            c.fused = u.fused_fetch = u.fused_scores = u.fused_select = c.fused_retire = c.fused_memory = fused
         fixed = FixedShapes(model, caches, wavefront=wavefront)
         logits = prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=8)
         new = decode(model, caches, logits, 8, forward=fixed)
@@ -227,6 +228,29 @@ def test_lru_kernel_keeps_fetchs_state(S, topk, n, rng):
                 assert valid[i] and load_slots[i] == slots[i] and load_units[i] == units[i]
         for k in ("unit_slot", "slot_unit", "slot_used"):  # free slots may differ: go on from the kernel's
             getattr(ref, k).copy_(got[k])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([1, 2, 16]), st.integers(1, 5000), st.integers(0, 5000), st.sampled_from([1, 7, 512]),
+       st.sampled_from(["none", "one", "all"]), st.sampled_from([1e-3, 1.0, -1.0]), st.integers(0, 2**16))
+def test_select_kernel_equals_select_units(topk, extra, n, T, reals, scale, seed):
+    """kernels.select_top against select_units and the lines after it in MemoryUnits.lookup: the same stored
+    units, ascending, the same valid entries (none without a real query), the lookup count; every entry a
+    distinct row. Scores as the lookup gives them: -inf past the n stored, of any sign and size."""
+    import kernels
+    rows = topk + extra
+    n = min(n, rows)
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(rows, generator=g) * scale).masked_fill(torch.arange(rows) >= n, float("-inf"))
+    real = torch.arange(T) < {"none": 0, "one": 1, "all": T}[reals]
+    lookups = torch.tensor(3, device="cuda")
+    units, valid = kernels.select_top(scores.cuda(), topk, torch.tensor(n).cuda(), real.cuda(), lookups)
+    units, valid = units.cpu(), valid.cpu()
+    ref = kernels.select_units(scores, topk)
+    ref_valid = (ref < n) & real.any()
+    assert torch.equal(valid, ref_valid) and torch.equal(units[valid], ref[ref_valid])
+    assert torch.equal(units, units.sort().values) and len(set(units.tolist())) == topk and (units < rows).all()
+    assert int(lookups) == 3 + int(ref_valid.any())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
