@@ -334,7 +334,9 @@ class MemoryUnits:
                 self.last.update(queries=q_mem, scores=scores)  # [Hq, T, D], [n]
             stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
             scores = scores.masked_fill(~stored, float("-inf"))
-        if self.fused_select and self.cfg.topk < scores.shape[0] <= kernels.SELECT_MOST:  # the same, in one kernel
+        rows = scores.shape[0]
+        if self.fused_select and scores.dtype == torch.float32 and self.cfg.topk < rows <= kernels.SELECT_MOST:
+            # What the lines below do, in one kernel (kernels.select_top).
             units, valid = kernels.select_top(scores, self.cfg.topk, self.n, real, self.lookups)
             return units, valid, self.fetch(units, valid)
         units = kernels.select_units(scores, self.cfg.topk)
