@@ -648,6 +648,10 @@ except ImportError:  # a CPU build of torch: nothing above calls these without a
     triton = None
 
 if triton is not None:
+    # Triton compiles a kernel anew for each value class of its integer arguments (1, a multiple of 16, other).
+    # Arguments that differ between a piece (T = 512) and a decoding step (T = 1), or grow with the prompt (the
+    # units stored), are left unspecialised (do_not_specialize): one compile serves both, and a prompt of
+    # another length compiles nothing (tests/test_gpu.py counts the compiles).
 
     @triton.jit
     def _column_sums_kernel(q, k, lse, mask, out, T, L, D, G, SCALE_LOG2: tl.constexpr, BQ: tl.constexpr,
@@ -748,7 +752,7 @@ if triton is not None:
                  mask=inside)
         tl.store(lse + r, (m + tl.log2(l_i)) * 0.6931471805599453, mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _rope_angles_kernel(pos, inv_freq, cos, sin, T, HALF, BT: tl.constexpr, BH: tl.constexpr):
         t = tl.program_id(0) * BT + tl.arange(0, BT)
         i = tl.arange(0, BH)
@@ -765,7 +769,7 @@ if triton is not None:
         tl.store(sin + at, s, mask=ok)
         tl.store(sin + at + HALF, s, mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _rotate_kernel(x, cos, sin, out, T, HALF, SXH, SXT, ROW, BT: tl.constexpr, BH: tl.constexpr):
         h, t = tl.program_id(0), tl.program_id(1) * BT + tl.arange(0, BT)
         i = tl.arange(0, BH)
@@ -788,7 +792,7 @@ if triton is not None:
         w = tl.load(weight + d, mask=d < D, other=0.0)
         tl.store(out + r * D + d, (normed.to(tl.float32) * w.to(tl.float32)).to(out.dtype.element_ty), mask=d < D)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["SCRATCH"])
     def _lru_fetch_kernel(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses, load_units, load_slots,
                           victim, K, S, SCRATCH, AGE: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
         k, s = tl.arange(0, BK), tl.arange(0, BS)
@@ -821,7 +825,7 @@ if triton is not None:
         tl.store(unit_slot + tl.where(ok, u, SCRATCH), tl.where(ok, v, -1), mask=in_k)
         tl.store(slot_used + v, tl.where(ok, now, -1), mask=in_k)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _mean_query_kernel(q, real, mean, T, D, SQH, SQT, BT: tl.constexpr, BD: tl.constexpr):
         h, d = tl.program_id(0), tl.arange(0, BD)
         acc = tl.zeros([BD], tl.float32)
@@ -834,7 +838,7 @@ if triton is not None:
             count += live.to(tl.float32)
         tl.store(mean + h * D + d, acc / tl.maximum(tl.sum(count, axis=0), 1.0), mask=d < D)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["ROWS"])
     def _unit_scores_kernel(reprs, mean, scores, n, ROWS, K, BU: tl.constexpr, BK: tl.constexpr):
         u = tl.program_id(0) * BU + tl.arange(0, BU)
         acc = tl.zeros([BU], tl.float32)
@@ -846,7 +850,7 @@ if triton is not None:
             acc += tl.sum(x.to(tl.float32) * w[None, :], axis=1)
         tl.store(scores + u, tl.where(u < tl.load(n), acc, float("-inf")), mask=u < ROWS)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["ROWS"])
     def _select_top_kernel(scores, real, n, lookups, units, valid, ROWS, T, K: tl.constexpr, BR: tl.constexpr,
                            BT: tl.constexpr):
         i = tl.arange(0, BR)
@@ -869,7 +873,7 @@ if triton is not None:
         tl.store(valid + at, ok, mask=chosen)
         tl.store(lookups, tl.load(lookups) + (tl.max(ok.to(tl.int32), axis=0) > 0).to(tl.int64))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _ring_write_kernel(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos, T, HALF, R, HQ,
                            SKH, SKT, SVH, SVT, BT: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr):
         tb, h = tl.program_id(0), tl.program_id(1)
@@ -899,7 +903,7 @@ if triton is not None:
             tl.store(ring_score + q[:, None] * R + slot[None, :], tl.zeros([BQ, BT], tl.float32),
                      mask=(q < HQ)[:, None] & (t < T)[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _window_mask_kernel(ring_pos, at, real, mask, T, R, n_local, BT: tl.constexpr, BR: tl.constexpr):
         t = tl.program_id(0) * BT + tl.arange(0, BT)
         r = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -918,7 +922,7 @@ if triton is not None:
              + tl.load(ring + at_far, mask=is_far[:, None] & ok, other=0.0))
         tl.store(dst + out, x, mask=ok_j)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "M"])
     def _memory_part_kernel(pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at, real,
                             k, v, mask, n_local, HKV, B, D, U, I, R, T, M,
                             BJ: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):

@@ -120,6 +120,40 @@ def test_cuda_graphs_replay_the_same_forward(attention, kernel, wavefront):
     assert captures == [2, 2, 2]  # a padded piece (or a wavefront step: every chunk has 2 pieces or more), a token
 
 
+def test_a_prompt_of_another_length_compiles_no_triton_kernel():
+    """The eager GPU path's Triton kernels, counted by Triton's compile hook: a second prompt, whose stored units
+    differ in number (a multiple of 16 first, then not), compiles nothing that the first prompt (prefill as a
+    wavefront, decoding) did not. A new compile would cost a later prompt about a second, with an empty cache."""
+    triton = pytest.importorskip("triton")
+    if not hasattr(triton, "knobs"):
+        pytest.skip("this Triton has no compile hooks")
+    from generate import FixedShapes, decode, prefill
+    # A head size of its own (no other test's kernels): the first prompt must compile, or load from disk, each one.
+    args = ModelArgs(vocab_size=211, dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, ffn_dim=128)
+    model = random_model(args, device="cpu", dtype=torch.float32, seed=1).cuda()
+    caches = make_caches(model, "infllm", SMALL, "triton")
+    fixed = FixedShapes(model, caches)
+    compiled, rows = [], []
+    before = triton.knobs.runtime.jit_post_compile_hook
+    triton.knobs.runtime.jit_post_compile_hook = lambda **k: compiled.append(k["repr"])
+    try:
+        for n in (364, 485):  # 48 and 63 rows of units: Triton tells a multiple of 16 apart
+            for c in caches:
+                c.reset()
+            ids = torch.randint(0, args.vocab_size, (n,)).tolist()
+            logits = prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=8)
+            decode(model, caches, logits, 6, forward=fixed)
+            torch.cuda.synchronize()
+            rows.append(caches[0].units.reprs.shape[0])
+            compiled.append(None)
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = before
+    assert rows[0] % 16 == 0 and rows[1] % 16 != 0  # else the prompts do not test what they should
+    first = compiled.index(None)
+    assert first > 0, "the first prompt compiled no Triton kernel: the hook saw nothing"
+    assert compiled[first + 1:] == [None], compiled[first + 1:]
+
+
 @pytest.mark.parametrize("kernel", ["fused", "triton", "flex"])
 def test_wavefront_on_streams_equals_pieces_in_order(kernel):
     """A prompt of 40 pieces through 6 layers as a wavefront, replayed from one CUDA graph whose layers run
