@@ -216,6 +216,8 @@ class MemoryUnits:
         # And the reference's unit scores in two kernels (kernels.unit_scores); the options and tensor parallel's
         # sum over processes take score_units.
         self.fused_scores = (fused and not parallel and cfg.repr_scoring == "mean" and cfg.lookup_queries == "mean")
+        # The top-k that follows them, whatever scored them, in one kernel (kernels.select_top).
+        self.fused_select = fused
         if self.loader is not None:
             most = new_units_most(cfg, cfg.exc_block_size)
             self.stage_k = torch.zeros(most, *self.block, device=device, dtype=self.store)
@@ -332,6 +334,11 @@ class MemoryUnits:
                 self.last.update(queries=q_mem, scores=scores)  # [Hq, T, D], [n]
             stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
             scores = scores.masked_fill(~stored, float("-inf"))
+        rows = scores.shape[0]
+        if self.fused_select and scores.dtype == torch.float32 and self.cfg.topk < rows <= kernels.SELECT_MOST:
+            # What the lines below do, in one kernel (kernels.select_top).
+            units, valid = kernels.select_top(scores, self.cfg.topk, self.n, real, self.lookups)
+            return units, valid, self.fetch(units, valid)
         units = kernels.select_units(scores, self.cfg.topk)
         valid = (units < self.n) & real.any()  # ascending: the stored units come first
         self.lookups += valid.any()

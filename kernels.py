@@ -10,7 +10,7 @@ eager GPU; chunk_attention_fused before it, kept for comparison), and on a GPU u
 FlexAttention pair flex_local_part / flex_memory_part; the GPU paths take their local column sums from the Triton
 local_column_sums. Then the rest of an eager GPU's piece step, each the Triton twin of PyTorch lines that stay
 beside its call in model.py and infllm.py as the specification: rotary angles and rotations (rope_angles, rotate),
-rms_norm, the LRU (lru_fetch), the lookup's scores (unit_scores), the ring writes and local mask (ring_write,
+rms_norm, the LRU (lru_fetch), the lookup's scores and selection (unit_scores, select_top), the ring writes and local mask (ring_write,
 window_mask), the memory part (memory_part) and retirement (retire). Last, the page-locked host storage, and at the
 end the Triton kernels and the copies between pinned host memory and the GPU that ContextMemory's unit storage uses.
 """
@@ -421,6 +421,24 @@ def unit_scores(q_mem, real, reprs, n):
     return scores
 
 
+SELECT_MOST = 16384  # scores select_top takes in one program (units of 2M tokens); more go to select_units
+
+
+def select_top(scores, topk, n, real, lookups):
+    """MemoryUnits.lookup's selection on an eager GPU in one kernel (instead of some 13: top-k, two sorts, copies,
+    the valid entries, the lookup count): the topk best rows of scores [rows > topk] float32 (-inf past the n
+    stored units), ascending; valid where the row is stored and some query is real (real [T] bool); lookups (a
+    device count) += any valid. Ties between scores go to the lower row (torch.topk leaves them unspecified);
+    the rows of entries that are not valid may differ from select_units', and nothing reads them."""
+    rows = scores.shape[0]
+    units = torch.empty(topk, dtype=torch.long, device=scores.device)
+    valid = torch.empty(topk, dtype=torch.bool, device=scores.device)
+    BR = triton.next_power_of_2(rows)
+    _select_top_kernel[(1,)](scores, real, n, lookups, units, valid, rows, real.shape[0], K=topk, BR=BR,
+                             BT=triton.next_power_of_2(real.shape[0]), num_warps=8 if BR >= 4096 else 4)
+    return units, valid
+
+
 def ring_write(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos):
     """infllm.ContextMemory._attend_piece's writes of a piece into the ring on an eager GPU in one kernel (instead
     of 7): keys k and values v [Hkv, T, D] (any strides) at slot position % ring size, the keys also rotated by
@@ -630,6 +648,10 @@ except ImportError:  # a CPU build of torch: nothing above calls these without a
     triton = None
 
 if triton is not None:
+    # Triton compiles a kernel anew for each value class of its integer arguments (1, a multiple of 16, other).
+    # Arguments that differ between a piece (T = 512) and a decoding step (T = 1), or grow with the prompt (the
+    # units stored), are left unspecialised (do_not_specialize): one compile serves both, and a prompt of
+    # another length compiles nothing (tests/test_gpu.py counts the compiles).
 
     @triton.jit
     def _column_sums_kernel(q, k, lse, mask, out, T, L, D, G, SCALE_LOG2: tl.constexpr, BQ: tl.constexpr,
@@ -730,7 +752,7 @@ if triton is not None:
                  mask=inside)
         tl.store(lse + r, (m + tl.log2(l_i)) * 0.6931471805599453, mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _rope_angles_kernel(pos, inv_freq, cos, sin, T, HALF, BT: tl.constexpr, BH: tl.constexpr):
         t = tl.program_id(0) * BT + tl.arange(0, BT)
         i = tl.arange(0, BH)
@@ -747,7 +769,7 @@ if triton is not None:
         tl.store(sin + at, s, mask=ok)
         tl.store(sin + at + HALF, s, mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _rotate_kernel(x, cos, sin, out, T, HALF, SXH, SXT, ROW, BT: tl.constexpr, BH: tl.constexpr):
         h, t = tl.program_id(0), tl.program_id(1) * BT + tl.arange(0, BT)
         i = tl.arange(0, BH)
@@ -770,7 +792,7 @@ if triton is not None:
         w = tl.load(weight + d, mask=d < D, other=0.0)
         tl.store(out + r * D + d, (normed.to(tl.float32) * w.to(tl.float32)).to(out.dtype.element_ty), mask=d < D)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["SCRATCH"])
     def _lru_fetch_kernel(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses, load_units, load_slots,
                           victim, K, S, SCRATCH, AGE: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
         k, s = tl.arange(0, BK), tl.arange(0, BS)
@@ -803,7 +825,7 @@ if triton is not None:
         tl.store(unit_slot + tl.where(ok, u, SCRATCH), tl.where(ok, v, -1), mask=in_k)
         tl.store(slot_used + v, tl.where(ok, now, -1), mask=in_k)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _mean_query_kernel(q, real, mean, T, D, SQH, SQT, BT: tl.constexpr, BD: tl.constexpr):
         h, d = tl.program_id(0), tl.arange(0, BD)
         acc = tl.zeros([BD], tl.float32)
@@ -816,7 +838,7 @@ if triton is not None:
             count += live.to(tl.float32)
         tl.store(mean + h * D + d, acc / tl.maximum(tl.sum(count, axis=0), 1.0), mask=d < D)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["ROWS"])
     def _unit_scores_kernel(reprs, mean, scores, n, ROWS, K, BU: tl.constexpr, BK: tl.constexpr):
         u = tl.program_id(0) * BU + tl.arange(0, BU)
         acc = tl.zeros([BU], tl.float32)
@@ -828,7 +850,30 @@ if triton is not None:
             acc += tl.sum(x.to(tl.float32) * w[None, :], axis=1)
         tl.store(scores + u, tl.where(u < tl.load(n), acc, float("-inf")), mask=u < ROWS)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["ROWS"])
+    def _select_top_kernel(scores, real, n, lookups, units, valid, ROWS, T, K: tl.constexpr, BR: tl.constexpr,
+                           BT: tl.constexpr):
+        i = tl.arange(0, BR)
+        x = tl.load(scores + i, mask=i < ROWS, other=float("-inf"))
+        # One integer key per row, ordered as (score, then the lower row): the score's bits made to order as
+        # integers do (a negative float's magnitude bits flipped), the row below them. K times, the best key
+        # is taken (set below every key); the taken rows, counted in row order, are the ascending selection.
+        b = x.to(tl.int32, bitcast=True)
+        key = (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64) * 4294967296 + (BR - 1 - i)
+        taken = -9223372036854775807 - 1
+        key = tl.where(i < ROWS, key, taken + 1)
+        for _ in tl.static_range(K):
+            key = tl.where(key == tl.max(key, axis=0), taken, key)
+        chosen = key == taken
+        at = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        t = tl.arange(0, BT)
+        some = tl.max((tl.load(real + t, mask=t < T, other=0) != 0).to(tl.int32), axis=0) > 0
+        ok = chosen & (i < tl.load(n)) & some
+        tl.store(units + at, i.to(tl.int64), mask=chosen)
+        tl.store(valid + at, ok, mask=chosen)
+        tl.store(lookups, tl.load(lookups) + (tl.max(ok.to(tl.int32), axis=0) > 0).to(tl.int64))
+
+    @triton.jit(do_not_specialize=["T"])
     def _ring_write_kernel(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos, T, HALF, R, HQ,
                            SKH, SKT, SVH, SVT, BT: tl.constexpr, BH: tl.constexpr, BQ: tl.constexpr):
         tb, h = tl.program_id(0), tl.program_id(1)
@@ -858,7 +903,7 @@ if triton is not None:
             tl.store(ring_score + q[:, None] * R + slot[None, :], tl.zeros([BQ, BT], tl.float32),
                      mask=(q < HQ)[:, None] & (t < T)[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _window_mask_kernel(ring_pos, at, real, mask, T, R, n_local, BT: tl.constexpr, BR: tl.constexpr):
         t = tl.program_id(0) * BT + tl.arange(0, BT)
         r = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -877,7 +922,7 @@ if triton is not None:
              + tl.load(ring + at_far, mask=is_far[:, None] & ok, other=0.0))
         tl.store(dst + out, x, mask=ok_j)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "M"])
     def _memory_part_kernel(pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at, real,
                             k, v, mask, n_local, HKV, B, D, U, I, R, T, M,
                             BJ: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):

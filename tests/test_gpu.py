@@ -120,6 +120,40 @@ def test_cuda_graphs_replay_the_same_forward(attention, kernel, wavefront):
     assert captures == [2, 2, 2]  # a padded piece (or a wavefront step: every chunk has 2 pieces or more), a token
 
 
+def test_a_prompt_of_another_length_compiles_no_triton_kernel():
+    """The eager GPU path's Triton kernels, counted by Triton's compile hook: a second prompt, whose stored units
+    differ in number (a multiple of 16 first, then not), compiles nothing that the first prompt (prefill as a
+    wavefront, decoding) did not. A new compile would cost a later prompt about a second, with an empty cache."""
+    triton = pytest.importorskip("triton")
+    if not hasattr(triton, "knobs"):
+        pytest.skip("this Triton has no compile hooks")
+    from generate import FixedShapes, decode, prefill
+    # A head size of its own (no other test's kernels): the first prompt must compile, or load from disk, each one.
+    args = ModelArgs(vocab_size=211, dim=96, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=24, ffn_dim=128)
+    model = random_model(args, device="cpu", dtype=torch.float32, seed=1).cuda()
+    caches = make_caches(model, "infllm", SMALL, "triton")
+    fixed = FixedShapes(model, caches)
+    compiled, rows = [], []
+    before = triton.knobs.runtime.jit_post_compile_hook
+    triton.knobs.runtime.jit_post_compile_hook = lambda **k: compiled.append(k["repr"])
+    try:
+        for n in (364, 485):  # 48 and 63 rows of units: Triton tells a multiple of 16 apart
+            for c in caches:
+                c.reset()
+            ids = torch.randint(0, args.vocab_size, (n,)).tolist()
+            logits = prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=8)
+            decode(model, caches, logits, 6, forward=fixed)
+            torch.cuda.synchronize()
+            rows.append(caches[0].units.reprs.shape[0])
+            compiled.append(None)
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = before
+    assert rows[0] % 16 == 0 and rows[1] % 16 != 0  # else the prompts do not test what they should
+    first = compiled.index(None)
+    assert first > 0, "the first prompt compiled no Triton kernel: the hook saw nothing"
+    assert compiled[first + 1:] == [None], compiled[first + 1:]
+
+
 @pytest.mark.parametrize("kernel", ["fused", "triton", "flex"])
 def test_wavefront_on_streams_equals_pieces_in_order(kernel):
     """A prompt of 40 pieces through 6 layers as a wavefront, replayed from one CUDA graph whose layers run
@@ -160,7 +194,7 @@ def test_wavefront_and_unit_loads_have_streams_of_their_own():
 
 @pytest.mark.parametrize("wavefront", [0, 1])
 def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
-    """kernels.ring_write, window_mask, unit_scores, lru_fetch, memory_part and retire (the eager GPU's bookkeeping)
+    """kernels.ring_write, window_mask, unit_scores, select_top, lru_fetch, memory_part and retire (the eager GPU's bookkeeping)
     against the PyTorch operations of infllm.py beside them, end to end: the same logits, tokens, hit and miss counts, cached
     units (least recently used first), stored units and representative keys, init tokens and counters, after a
     prompt whose pieces evict units (4 device slots, 3 units a lookup) and a few decoding steps, from CUDA graphs."""
@@ -171,8 +205,9 @@ def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
     for fused in (True, False):
         caches = make_caches(model, "infllm", SMALL, "triton")
         for c in caches:
-            assert c.fused and c.units.fused_fetch and c.units.fused_scores and c.fused_retire and c.fused_memory
-            c.fused = c.units.fused_fetch = c.units.fused_scores = c.fused_retire = c.fused_memory = fused
+            u = c.units
+            assert c.fused and u.fused_fetch and u.fused_scores and u.fused_select and c.fused_retire and c.fused_memory
+            c.fused = u.fused_fetch = u.fused_scores = u.fused_select = c.fused_retire = c.fused_memory = fused
         fixed = FixedShapes(model, caches, wavefront=wavefront)
         logits = prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=8)
         new = decode(model, caches, logits, 8, forward=fixed)
@@ -227,6 +262,29 @@ def test_lru_kernel_keeps_fetchs_state(S, topk, n, rng):
                 assert valid[i] and load_slots[i] == slots[i] and load_units[i] == units[i]
         for k in ("unit_slot", "slot_unit", "slot_used"):  # free slots may differ: go on from the kernel's
             getattr(ref, k).copy_(got[k])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([1, 2, 16]), st.integers(1, 5000), st.integers(0, 5000), st.sampled_from([1, 7, 512]),
+       st.sampled_from(["none", "one", "all"]), st.sampled_from([1e-3, 1.0, -1.0]), st.integers(0, 2**16))
+def test_select_kernel_equals_select_units(topk, extra, n, T, reals, scale, seed):
+    """kernels.select_top against select_units and the lines after it in MemoryUnits.lookup: the same stored
+    units, ascending, the same valid entries (none without a real query), the lookup count; every entry a
+    distinct row. Scores as the lookup gives them: -inf past the n stored, of any sign and size."""
+    import kernels
+    rows = topk + extra
+    n = min(n, rows)
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(rows, generator=g) * scale).masked_fill(torch.arange(rows) >= n, float("-inf"))
+    real = torch.arange(T) < {"none": 0, "one": 1, "all": T}[reals]
+    lookups = torch.tensor(3, device="cuda")
+    units, valid = kernels.select_top(scores.cuda(), topk, torch.tensor(n).cuda(), real.cuda(), lookups)
+    units, valid = units.cpu(), valid.cpu()
+    ref = kernels.select_units(scores, topk)
+    ref_valid = (ref < n) & real.any()
+    assert torch.equal(valid, ref_valid) and torch.equal(units[valid], ref[ref_valid])
+    assert torch.equal(units, units.sort().values) and len(set(units.tolist())) == topk and (units < rows).all()
+    assert int(lookups) == 3 + int(ref_valid.any())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
