@@ -595,7 +595,7 @@ def _after_current(stream):
     return torch.cuda.stream(stream)
 
 
-GATHER_SPLIT = 4  # programs per unit in gather_from_host and scatter_to_host
+GATHER_SPLIT = 4  # programs per unit in gather_from_host and scatter_to_host (shared by a pair of tensors)
 _OUTSIDE_COMPILE = []
 
 
@@ -626,8 +626,10 @@ def gather_from_host(src, rows, dst, dst_rows, stream=None):
     with _after_current(stream):
         # A few programs per unit, each looping over its share of the row: a copy that waits on PCIe
         # holds few of the GPU's cores, so the attention running beside it keeps the rest.
-        _gather_kernel[(n, GATHER_SPLIT, len(src))](src[0].data_ptr(), src[-1].data_ptr(), rows, dst[0], dst[-1],
-                                                    dst_rows, src[0][0].numel(), BLOCK=4096, SPLIT=GATHER_SPLIT)
+        # A pair shares them: the launch holds as many cores as one tensor's did.
+        split = max(1, GATHER_SPLIT // len(src))
+        _gather_kernel[(n, split, len(src))](src[0].data_ptr(), src[-1].data_ptr(), rows, dst[0], dst[-1], dst_rows,
+                                             src[0][0].numel(), BLOCK=4096, SPLIT=split)
 
 
 def _pair(x):
@@ -650,8 +652,9 @@ def scatter_to_host(src, dst, rows, stream=None):
     if n == 0:
         return
     with _after_current(stream):
-        _scatter_kernel[(n, GATHER_SPLIT, len(src))](src[0], src[-1], rows, dst[0].data_ptr(), dst[-1].data_ptr(),
-                                                     dst[0][0].numel(), BLOCK=4096, SPLIT=GATHER_SPLIT)
+        split = max(1, GATHER_SPLIT // len(src))
+        _scatter_kernel[(n, split, len(src))](src[0], src[-1], rows, dst[0].data_ptr(), dst[-1].data_ptr(),
+                                              dst[0][0].numel(), BLOCK=4096, SPLIT=split)
 
 
 def compiled(fn):
