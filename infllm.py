@@ -437,13 +437,12 @@ class MemoryUnits:
 
     @kernels.outside_compile
     def _start_loads(self):
-        kernels.gather_from_host(self.host_k, self.load_units, self.pool_k, self.load_slots, self.loader)
-        kernels.gather_from_host(self.host_v, self.load_units, self.pool_v, self.load_slots, self.loader)
+        kernels.gather_from_host((self.host_k, self.host_v), self.load_units, (self.pool_k, self.pool_v), self.load_slots,
+                                 self.loader)
 
     @kernels.outside_compile
     def _start_write_back(self):
-        kernels.scatter_to_host(self.stage_k, self.host_k, self.stage_rows, self.loader)
-        kernels.scatter_to_host(self.stage_v, self.host_v, self.stage_rows, self.loader)
+        kernels.scatter_to_host((self.stage_k, self.stage_v), (self.host_k, self.host_v), self.stage_rows, self.loader)
 
     @kernels.outside_compile
     def join_copies(self):
@@ -600,13 +599,14 @@ class ContextMemory:
             piece = [x[0, :, s:s + P] for x in (q, k, v)]
             if self.pad and piece[0].shape[1] < P:  # the last piece, padded: every piece has one shape
                 piece = [F.pad(x, (0, 0, 0, P - x.shape[1])) for x in piece]
-            out, chosen = self.step(self, *piece, (n_valid - s).clamp(0, P))
+            n = n_valid if T <= P else (n_valid - s).clamp(0, P)  # one piece: 0 <= n_valid <= T <= P already
+            out, chosen = self.step(self, *piece, n)
             if self.trace is not None and self.use_units and (chosen >= 0).any():
                 self.trace.append(chosen[chosen >= 0].tolist())
             outs.append(out)
         if self.use_units:
             self.units.join_copies()  # the last write-back: a CUDA graph must end with its streams joined
-        return torch.cat(outs, dim=1)[None, :, :T]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))[None, :, :T]
 
     def _attend_piece(self, q, k, v, n):
         """One piece of P queries [Hq, P, D], the first n (a device count) real: attend, then update the
@@ -615,10 +615,13 @@ class ContextMemory:
         token (n = 0, a wavefront's empty steps) changes nothing a later piece reads: it writes only ring
         slots it marks empty, selects and loads no unit, and retires nothing (only the LRU clock ticks)."""
         P, N, R, dev = q.shape[1], self.cfg.n_local, self.ring, q.device
-        t = torch.arange(P, device=dev)
-        real = t < n
-        at = self.pos_d + t  # the piece's positions
-        at_angles = self.rope.angles(at, k.dtype)  # the piece's keys and its queries in the window
+        if self.fused and k.dtype != torch.float64:  # the four lines below in one kernel (kernels.piece_angles)
+            at, real, at_angles = kernels.piece_angles(self.pos_d, n, P, self.rope.inv_freq, k.dtype)
+        else:
+            t = torch.arange(P, device=dev)
+            real = t < n
+            at = self.pos_d + t  # the piece's positions
+            at_angles = self.rope.angles(at, k.dtype)  # the piece's keys and its queries in the window
         if self.fused:  # the same writes in one kernel (kernels.ring_write)
             kernels.ring_write(k, v, *at_angles, at, real, self.ring_k, self.ring_kr, self.ring_v, self.ring_score,
                                self.ring_pos)
@@ -670,9 +673,8 @@ class ContextMemory:
         if self.fused_memory:  # the same in one kernel: the lines below launch some 35, each tiny
             units, valid, slots = selected
             self.units.join_copies()
-            k, v, mask = kernels.memory_part(self.units.pool_k, self.units.pool_v, slots, valid, self.init_k, self.init_v,
-                                             self.n_init_d, self.ring_k, self.ring_v, self.start_d, at, real, cfg.n_local)
-            return k, v, mask, torch.where(valid, units, -1)
+            return kernels.memory_part(self.units.pool_k, self.units.pool_v, units, slots, valid, self.init_k, self.init_v,
+                                       self.n_init_d, self.ring_k, self.ring_v, self.start_d, at, real, cfg.n_local)
         k_init, v_init, mask_init = self._init_part(real)
         # The oldest recent tokens: at most P + block_size - 1 of them are out of some query's window.
         far = self.start_d + torch.arange(at.shape[0] + cfg.block_size - 1, device=dev)

@@ -367,6 +367,21 @@ def rope_angles(pos, inv_freq, dtype):
     return cos, sin
 
 
+def piece_angles(pos_d, n, P, inv_freq, dtype):
+    """infllm.ContextMemory._attend_piece's positions at = pos_d + arange(P), padding real = arange(P) < n (pos_d
+    and n device counts) and their angles (as rope_angles gives them), in one kernel (instead of 4)."""
+    dev = inv_freq.device
+    at = torch.empty(P, dtype=torch.long, device=dev)
+    real = torch.empty(P, dtype=torch.bool, device=dev)
+    half = inv_freq.shape[0]
+    cos = torch.empty(P, 2 * half, dtype=dtype, device=dev)
+    sin = torch.empty_like(cos)
+    BT = 32  # positions per program
+    _piece_angles_kernel[(-(-P // BT),)](pos_d, n, at, real, inv_freq, cos, sin, P, half, BT=BT,
+                                         BH=triton.next_power_of_2(half))
+    return at, real, (cos, sin)
+
+
 def rotate(x, cos, sin):
     """model.Rotary.forward on an eager GPU in one kernel (instead of 5): x [H, T, D] (any strides) rotated by cos
     and sin [T or 1, D] (both halves equal), in float32 and rounded once to x's dtype (PyTorch's operations round
@@ -381,15 +396,35 @@ def rotate(x, cos, sin):
     return out
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x, weight, eps, add=None):
     """model.RMSNorm on an eager GPU in one kernel (instead of 9): each row normalised in float32, rounded to
-    x's dtype, then scaled by the weight, as the reference rounds."""
-    rows = x.reshape(-1, x.shape[-1])
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    x's dtype, then scaled by the weight, as the reference rounds. With add (h, x's shape and dtype): the
+    residual sum s = x + h first, and (s, its norm) returned (model.RMSNorm.add; 2 kernels otherwise)."""
+    rows = _rows(x)
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.shape[1], rows.stride(0), eps,
-                                       BD=triton.next_power_of_2(rows.shape[1]))
-    return out.view(*x.shape[:-1], -1)
+    h = rows if add is None else _rows(add)
+    total = torch.empty_like(rows) if add is not None else rows
+    _rms_norm_kernel[(rows.shape[0],)](rows, h, total, weight, out, rows.shape[1], rows.stride(0), h.stride(0), eps,
+                                       ADD=add is not None, BD=triton.next_power_of_2(rows.shape[1]))
+    out = out.view(*x.shape[:-1], -1)
+    return out if add is None else (total.view(x.shape), out)
+
+
+def _rows(x):
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def silu_mul(gate, up):
+    """model.MLP's F.silu(gate) * up on an eager GPU in one kernel (instead of 2): silu in float32 rounded to the
+    dtype, then the product rounded, as PyTorch's two operations round."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    # 512 elements and 8 warps a program: 15.9 us for a mistral-7b piece's 512 x 14,336 on an H200, against 25.8 us
+    # with 1,024 and 4 warps and 22.8 us for PyTorch's two kernels (.stage11/silu.py, docs/benchmarks.md).
+    N, BLOCK = gate.numel(), 512
+    _silu_mul_kernel[(-(-N // BLOCK),)](gate, up, out, N, BLOCK=BLOCK, num_warps=8)
+    return out
 
 
 def lru_fetch(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses, load_units, load_slots, age_key):
@@ -462,21 +497,24 @@ def window_mask(ring_pos, at, real, n_local):
     return mask
 
 
-def memory_part(pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at, real, n_local):
-    """infllm.ContextMemory._memory's keys, values and mask on an eager GPU in one kernel (instead of some 35):
+def memory_part(pool_k, pool_v, units, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at, real, n_local):
+    """infllm.ContextMemory._memory's keys, values and mask on an eager GPU in one kernel (instead of some 37):
     the selected units from their device slots, the init tokens, the far remainder from the ring, [Hkv, M, D]
-    each in that order, and the mask [T, M] of a piece's queries at positions at (real: not padding)."""
+    each in that order, the mask [T, M] of a piece's queries at positions at (real: not padding), and the
+    selected units with -1 where not valid."""
     _, Hkv, B, D = pool_k.shape
     U, I, R, T = slots.shape[0] * B, init_k.shape[1], ring_k.shape[1], at.shape[0]
     M = U + I + T + B - 1
     k = torch.empty(Hkv, M, D, dtype=ring_k.dtype, device=ring_k.device)
     v = torch.empty_like(k)
     mask = torch.empty(T, M, dtype=torch.bool, device=ring_k.device)
+    chosen = torch.empty_like(units)
     BJ = 64  # key slots per program
-    _memory_part_kernel[(-(-M // BJ), Hkv + 1)](pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v,
-                                                start_d, at, real, k, v, mask, n_local, Hkv, B, D, U, I, R, T, M,
-                                                BJ=BJ, BT=32, BD=triton.next_power_of_2(D))
-    return k, v, mask
+    _memory_part_kernel[(-(-M // BJ), Hkv + 1)](pool_k, pool_v, units, slots, valid, init_k, init_v, n_init_d, ring_k,
+                                                ring_v, start_d, at, real, k, v, mask, chosen, n_local, Hkv, B, D, U, I,
+                                                R, T, M, BJ=BJ, BT=32, BD=triton.next_power_of_2(D),
+                                                BK=triton.next_power_of_2(slots.shape[0]))
+    return k, v, mask, chosen
 
 
 def retire(ring_k, ring_v, ring_score, init_k, init_v, pos_d, start_d, n_init_d, n_units, reprs, stage_k, stage_v,
@@ -559,7 +597,7 @@ def _after_current(stream):
     return torch.cuda.stream(stream)
 
 
-GATHER_SPLIT = 4  # programs per unit in gather_from_host and scatter_to_host
+GATHER_SPLIT = 4  # programs per unit in gather_from_host and scatter_to_host (shared by a pair of tensors)
 _OUTSIDE_COMPILE = []
 
 
@@ -580,16 +618,24 @@ def gather_from_host(src, rows, dst, dst_rows, stream=None):
     """dst[dst_rows[i]] = src[rows[i]] for every i with dst_rows[i] >= 0, where src lives in pinned host
     memory and the indices on the GPU. A Triton kernel reads the host rows over PCIe itself (pinned
     memory is mapped into the GPU's address space), so the host never has to learn which units were
-    selected: no synchronisation. With a stream, the copy starts there once the work queued so far is
-    done, and runs beside whatever comes next until join(stream)."""
+    selected: no synchronisation. src and dst may be pairs of tensors of one shape and dtype (keys and
+    values), copied by the same launch. With a stream, the copy starts there once the work queued so far
+    is done, and runs beside whatever comes next until join(stream)."""
     n = rows.numel()
     if n == 0:
         return
-    row = src[0].numel()
+    src, dst = _pair(src), _pair(dst)
     with _after_current(stream):
         # A few programs per unit, each looping over its share of the row: a copy that waits on PCIe
         # holds few of the GPU's cores, so the attention running beside it keeps the rest.
-        _gather_kernel[(n, GATHER_SPLIT)](src.data_ptr(), rows, dst, dst_rows, row, BLOCK=4096, SPLIT=GATHER_SPLIT)
+        # A pair shares them: the launch holds as many cores as one tensor's did.
+        split = max(1, GATHER_SPLIT // len(src))
+        _gather_kernel[(n, split, len(src))](src[0].data_ptr(), src[-1].data_ptr(), rows, dst[0], dst[-1], dst_rows,
+                                             src[0][0].numel(), BLOCK=4096, SPLIT=split)
+
+
+def _pair(x):
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
 
 @outside_compile
@@ -601,14 +647,16 @@ def join(stream):
 @outside_compile
 def scatter_to_host(src, dst, rows, stream=None):
     """dst[rows[i]] = src[i] for every i with rows[i] >= 0, where dst lives in pinned host memory and src
-    and rows on the GPU: the write-back twin of gather_from_host. New units go to host storage at rows only the device knows. With a
-    stream, as in gather_from_host: src and rows must stay untouched until join(stream)."""
-    n = src.shape[0]
+    and rows on the GPU: the write-back twin of gather_from_host (pairs too). New units go to host storage at rows
+    only the device knows. With a stream, as in gather_from_host: src and rows must stay untouched until join(stream)."""
+    src, dst = tuple(x.contiguous() for x in _pair(src)), _pair(dst)
+    n = src[0].shape[0]
     if n == 0:
         return
-    row = dst[0].numel()
     with _after_current(stream):
-        _scatter_kernel[(n, GATHER_SPLIT)](src.contiguous(), rows, dst.data_ptr(), row, BLOCK=4096, SPLIT=GATHER_SPLIT)
+        split = max(1, GATHER_SPLIT // len(src))
+        _scatter_kernel[(n, split, len(src))](src[0], src[-1], rows, dst[0].data_ptr(), dst[-1].data_ptr(),
+                                              dst[0][0].numel(), BLOCK=4096, SPLIT=split)
 
 
 def compiled(fn):
@@ -755,9 +803,22 @@ if triton is not None:
     @triton.jit(do_not_specialize=["T"])
     def _rope_angles_kernel(pos, inv_freq, cos, sin, T, HALF, BT: tl.constexpr, BH: tl.constexpr):
         t = tl.program_id(0) * BT + tl.arange(0, BT)
+        _angles(tl.load(pos + t, mask=t < T, other=0), t, inv_freq, cos, sin, T, HALF, BH)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _piece_angles_kernel(pos_d, n, at, real, inv_freq, cos, sin, T, HALF, BT: tl.constexpr, BH: tl.constexpr):
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        p = tl.load(pos_d) + t
+        tl.store(at + t, p, mask=t < T)
+        tl.store(real + t, t < tl.load(n), mask=t < T)
+        _angles(p, t, inv_freq, cos, sin, T, HALF, BH)
+
+    @triton.jit
+    def _angles(pos, t, inv_freq, cos, sin, T, HALF, BH: tl.constexpr):
+        """cos and sin of positions pos [BT] (rows t of the outputs), as rope_angles says."""
         i = tl.arange(0, BH)
         ok = (t[:, None] < T) & (i[None, :] < HALF)
-        p = tl.load(pos + t, mask=t < T, other=0).to(tl.float64)
+        p = pos.to(tl.float64)
         f = tl.load(inv_freq + i, mask=i < HALF, other=0.0).to(tl.float64) / 6.283185307179586
         turns = p[:, None] * f[None, :]
         # In [-pi, pi): the range where the GPU's fast float32 cosine and sine are most accurate.
@@ -785,12 +846,24 @@ if triton is not None:
         tl.store(dst + HALF, (x2 * c + x1 * s).to(out.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _rms_norm_kernel(x, weight, out, D, SX, eps, BD: tl.constexpr):
+    def _rms_norm_kernel(x, h, total, weight, out, D, SX, SH, eps, ADD: tl.constexpr, BD: tl.constexpr):
         r, d = tl.program_id(0), tl.arange(0, BD)
-        xf = tl.load(x + r * SX + d, mask=d < D, other=0.0).to(tl.float32)
+        xf = tl.load(x + r * SX + d, mask=d < D, other=0.0)
+        if ADD:  # the residual sum first, rounded to x's dtype as x + h is, and kept
+            xf = (xf.to(tl.float32) + tl.load(h + r * SH + d, mask=d < D, other=0.0).to(tl.float32)).to(x.dtype.element_ty)
+            tl.store(total + r * D + d, xf, mask=d < D)
+        xf = xf.to(tl.float32)
         normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype.element_ty)
         w = tl.load(weight + d, mask=d < D, other=0.0)
         tl.store(out + r * D + d, (normed.to(tl.float32) * w.to(tl.float32)).to(out.dtype.element_ty), mask=d < D)
+
+    @triton.jit(do_not_specialize=["N"])
+    def _silu_mul_kernel(gate, up, out, N, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        g = tl.load(gate + i, mask=i < N, other=0.0).to(tl.float32)
+        silu = (g / (1.0 + tl.exp(-g))).to(out.dtype.element_ty)
+        u = tl.load(up + i, mask=i < N, other=0.0).to(tl.float32)
+        tl.store(out + i, (silu.to(tl.float32) * u).to(out.dtype.element_ty), mask=i < N)
 
     @triton.jit(do_not_specialize=["SCRATCH"])
     def _lru_fetch_kernel(units, valid, unit_slot, slot_unit, slot_used, clock, hits, misses, load_units, load_slots,
@@ -923,9 +996,9 @@ if triton is not None:
         tl.store(dst + out, x, mask=ok_j)
 
     @triton.jit(do_not_specialize=["T", "M"])
-    def _memory_part_kernel(pool_k, pool_v, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at, real,
-                            k, v, mask, n_local, HKV, B, D, U, I, R, T, M,
-                            BJ: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    def _memory_part_kernel(pool_k, pool_v, units, slots, valid, init_k, init_v, n_init_d, ring_k, ring_v, start_d, at,
+                            real, k, v, mask, chosen, n_local, HKV, B, D, U, I, R, T, M,
+                            BJ: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
         jb, h = tl.program_id(0), tl.program_id(1)
         j = jb * BJ + tl.arange(0, BJ)
         is_unit, is_init, is_far = j < U, (j >= U) & (j < U + I), (j >= U + I) & (j < M)
@@ -944,6 +1017,11 @@ if triton is not None:
         else:  # the mask: a valid unit, an init token held, a far token n_local or more behind the query
             seen = ((is_unit & (tl.load(valid + unit_i, mask=is_unit, other=0) != 0))
                     | (is_init & (j - U < tl.load(n_init_d))) | is_far)
+            if jb == 0:  # the selected units, -1 where not valid
+                u = tl.arange(0, BK)
+                ok_u = u < U // B
+                chosen_u = tl.load(units + u, mask=ok_u, other=-1)
+                tl.store(chosen + u, tl.where(tl.load(valid + u, mask=ok_u, other=0) != 0, chosen_u, -1), mask=ok_u)
             for t0 in range(0, T, BT):
                 t = t0 + tl.arange(0, BT)
                 q_at = tl.load(at + t, mask=t < T, other=0)
@@ -1014,25 +1092,36 @@ if triton is not None:
         tl.store(stage_rows + j, tl.full([BS], -1, tl.int64), mask=(j >= MOST_UNITS) & (j < NSTAGE))
 
     @triton.jit
-    def _gather_kernel(src_addr, rows, dst, dst_rows, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
-        i, j = tl.program_id(0), tl.program_id(1)
+    def _gather_kernel(src_addr_k, src_addr_v, rows, dst_k, dst_v, dst_rows, row_numel, BLOCK: tl.constexpr,
+                       SPLIT: tl.constexpr):
+        i, j, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         d = tl.load(dst_rows + i)
         if d >= 0:  # hits copy nothing
-            # A host address, mapped for the GPU (Triton passes a small one as int32: widen it first).
-            src = src_addr.to(tl.int64).to(tl.pointer_type(dst.dtype.element_ty)) + tl.load(rows + i) * row_numel
-            for start in range(j * BLOCK, row_numel, SPLIT * BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                x = tl.load(src + offs, mask=offs < row_numel)
-                tl.store(dst + d * row_numel + offs, x, mask=offs < row_numel)
+            r = tl.load(rows + i)
+            if kv == 0:
+                _copy_row(src_addr_k.to(tl.int64).to(tl.pointer_type(dst_k.dtype.element_ty)), r, dst_k, d, j,
+                          row_numel, BLOCK, SPLIT)
+            else:
+                _copy_row(src_addr_v.to(tl.int64).to(tl.pointer_type(dst_v.dtype.element_ty)), r, dst_v, d, j,
+                          row_numel, BLOCK, SPLIT)
 
     @triton.jit
-    def _scatter_kernel(src, rows, dst_addr, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
-        i, j = tl.program_id(0), tl.program_id(1)
+    def _scatter_kernel(src_k, src_v, rows, dst_addr_k, dst_addr_v, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+        i, j, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         r = tl.load(rows + i)
         if r >= 0:  # -1: a block that makes no unit
-            # A host address, mapped for the GPU.
-            dst = dst_addr.to(tl.int64).to(tl.pointer_type(src.dtype.element_ty)) + r * row_numel
-            for start in range(j * BLOCK, row_numel, SPLIT * BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                x = tl.load(src + i * row_numel + offs, mask=offs < row_numel)
-                tl.store(dst + offs, x, mask=offs < row_numel)
+            if kv == 0:
+                _copy_row(src_k, i, dst_addr_k.to(tl.int64).to(tl.pointer_type(src_k.dtype.element_ty)), r, j,
+                          row_numel, BLOCK, SPLIT)
+            else:
+                _copy_row(src_v, i, dst_addr_v.to(tl.int64).to(tl.pointer_type(src_v.dtype.element_ty)), r, j,
+                          row_numel, BLOCK, SPLIT)
+
+    @triton.jit
+    def _copy_row(src, r, dst, d, j, row_numel, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+        """Program j's share of dst row d = src row r; one side is a host address, mapped for the GPU (Triton
+        passes a small one as int32: the caller widens it first)."""
+        for start in range(j * BLOCK, row_numel, SPLIT * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(src + r * row_numel + offs, mask=offs < row_numel)
+            tl.store(dst + d * row_numel + offs, x, mask=offs < row_numel)

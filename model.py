@@ -173,6 +173,13 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
+    def add(self, x, h):
+        """The residual sum x + h and its norm, in one kernel on an eager GPU."""
+        if _fused(x, x.dtype):
+            return kernels.rms_norm(x, self.weight, self.eps, add=h)
+        x = x + h
+        return x, self(x)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -202,6 +209,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x):
+        if _fused(x, x.dtype):  # the same, silu and product in one kernel
+            return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -216,8 +225,9 @@ class Block(nn.Module):
         self.reduce = sum_over_processes if args.tp_size > 1 else (lambda x: x)
 
     def forward(self, x, cache, n_valid=None):
-        x = x + self.reduce(self.self_attn(self.input_layernorm(x), cache, n_valid))
-        return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
+        h = self.reduce(self.self_attn(self.input_layernorm(x), cache, n_valid))
+        x, normed = self.post_attention_layernorm.add(x, h)  # x = x + h; normed = post_attention_layernorm(x)
+        return x + self.reduce(self.mlp(normed))
 
 
 class Transformer(nn.Module):

@@ -3,6 +3,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -197,8 +198,9 @@ def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
     """kernels.ring_write, window_mask, unit_scores, select_top, lru_fetch, memory_part and retire (the eager GPU's bookkeeping)
     against the PyTorch operations of infllm.py beside them, end to end: the same logits, tokens, hit and miss counts, cached
     units (least recently used first), stored units and representative keys, init tokens and counters, after a
-    prompt whose pieces evict units (4 device slots, 3 units a lookup) and a few decoding steps, from CUDA graphs."""
-    from generate import FixedShapes, decode, prefill
+    prompt whose pieces evict units (4 device slots, 3 units a lookup) and a few decoding steps, from CUDA graphs, and the
+    units selected by 4 more steps (eager)."""
+    from generate import FixedShapes, decode, forward_fn, prefill
     model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=3).cuda()
     ids = torch.randint(0, ARGS.vocab_size, (16 * 30 + 5,)).tolist()
     runs = []
@@ -211,8 +213,12 @@ def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
         fixed = FixedShapes(model, caches, wavefront=wavefront)
         logits = prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=8)
         new = decode(model, caches, logits, 8, forward=fixed)
+        for c in caches:  # the units each step selects (eager: trace reads them on the host)
+            c.trace = []
+        new += decode(model, caches, model(torch.tensor([new[-1:]], device="cuda"), caches)[0, -1], 4,
+                      forward=forward_fn(model, caches))
         torch.cuda.synchronize()
-        state = [(c.units.cached_units(), c.units.host_k[:c.units.count].clone(), c.units.host_v[:c.units.count].clone(),
+        state = [(c.units.cached_units(), c.trace, c.units.host_k[:c.units.count].clone(), c.units.host_v[:c.units.count].clone(),
                   c.units.reprs[:c.units.count].clone(), c.init_k[:, :int(c.n_init_d)].clone(),
                   int(c.start_d), int(c.n_init_d), int(c.pos_d)) for c in caches]
         runs.append((logits, new, memory_stats(caches), state))
@@ -220,8 +226,8 @@ def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     assert new_a == new_b and stats_a == stats_b
     for sa, sb in zip(state_a, state_b):
-        assert sa[0] == sb[0] and sa[5:] == sb[5:]
-        assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(sa[1:5], sb[1:5]))
+        assert sa[0] == sb[0] and sa[1] == sb[1] and len(sa[1]) == 4 and sa[6:] == sb[6:]
+        assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(sa[2:6], sb[2:6]))
     assert stats_a["misses"] > 0 and stats_a["hits"] > 0 and stats_a["units"] > 0
 
 
@@ -318,6 +324,28 @@ def test_rms_norm_on_the_gpu_equals_float64(dtype):
     assert got.shape == x.shape and got.dtype == dtype
     tol = 2 * 2.0 ** -8 if dtype == torch.bfloat16 else 1e-5
     assert ((got.double() - expect).abs() <= tol * expect.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_residual_norm_and_silu_product_on_the_gpu_equal_pytorchs(dtype):
+    """kernels.rms_norm with add (model.RMSNorm.add): the residual sum equal to x + h, its norm equal to the norm of
+    that sum; kernels.silu_mul (model.MLP) against float64 within its two roundings (the silu, the product) and
+    the GPU's fast exponential, as PyTorch's F.silu(g) * u is."""
+    import kernels
+    g = torch.Generator().manual_seed(0)
+    x, h = ((torch.randn(3, 41, 576, generator=g) * 3).to("cuda", dtype) for _ in range(2))
+    w = (torch.rand(576, generator=g) + 0.5).to("cuda", dtype)
+    total, normed = kernels.rms_norm(x, w, 1e-5, add=h)
+    assert torch.equal(total, x + h) and torch.equal(normed, kernels.rms_norm(x + h, w, 1e-5))
+    gate, up = ((torch.randn(5, 3001, generator=g) * 4).to("cuda", dtype) for _ in range(2))
+    got, g64, u64 = kernels.silu_mul(gate, up), gate.double(), up.double()
+    expect = g64 / (1 + torch.exp(-g64)) * u64
+    # Two roundings of half an ulp each, the exponential's relative error (some |g| * 2^-24 in float32), and float16's
+    # subnormals (spaced 2^-24) for the silu of a very negative g.
+    tol = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}[dtype] * 2 + 30 * 2.0 ** -24
+    assert got.dtype == dtype and ((got.double() - expect).abs() <= tol * expect.abs() + 2.0 ** -20).all()
+    ref = F.silu(gate) * up  # PyTorch's two operations: as far from float64 as the kernel
+    assert ((ref.double() - expect).abs() <= tol * expect.abs() + 2.0 ** -20).all()
 
 
 def test_pinned_storage_is_mapped_for_the_gpu():
@@ -508,19 +536,25 @@ def test_host_copies_move_the_rows_asked(n, stored, row, dtype, seed):
     dst = torch.randperm(slots, generator=g)[:n]
     dst = torch.where(torch.rand(n, generator=g) < 0.3, -1, dst)
     side = torch.cuda.Stream()
-    kernels.gather_from_host(host, units.cuda(), pool, dst.cuda(), side)
+    host2 = kernels.pinned_empty((stored, row), dtype)  # a second storage (values), copied by the same launch
+    host2.copy_(torch.randn(stored, row, generator=g))
+    before2, pool2 = host2.clone(), torch.zeros_like(pool)
+    kernels.gather_from_host((host, host2), units.cuda(), (pool, pool2), dst.cuda(), side)
     kernels.join(side)
-    expect = torch.zeros(slots, row, dtype=dtype)
-    for u, d in zip(units.tolist(), dst.tolist()):
-        if d >= 0:
-            expect[d] = before[u]
-    assert torch.equal(pool.cpu(), expect)
+    for got, src in ((pool, before), (pool2, before2)):
+        expect = torch.zeros(slots, row, dtype=dtype)
+        for u, d in zip(units.tolist(), dst.tolist()):
+            if d >= 0:
+                expect[d] = src[u]
+        assert torch.equal(got.cpu(), expect)
     rows = torch.randperm(stored, generator=g)[:min(n, stored)]
-    new = torch.randn(len(rows), row, generator=g).to("cuda", dtype)
-    kernels.scatter_to_host(new, host, rows.cuda(), side)
+    rows = torch.where(torch.rand(len(rows), generator=g) < 0.2, -1, rows)  # -1: a block that makes no unit
+    new, new2 = (torch.randn(len(rows), row, generator=g).to("cuda", dtype) for _ in range(2))
+    kernels.scatter_to_host((new, new2), (host, host2), rows.cuda(), side)
     side.synchronize()
-    before[rows] = new.cpu()
-    assert torch.equal(host, before)
+    kept = rows >= 0
+    before[rows[kept]], before2[rows[kept]] = new.cpu()[kept], new2.cpu()[kept]
+    assert torch.equal(host, before) and torch.equal(host2, before2)
 
 
 @pytest.mark.parametrize("kernel", ["fused", "flex"])
