@@ -222,10 +222,10 @@ def synced_clock(device) -> float:
 
 
 # Not by default: on an H200 (docs/benchmarks.md, 2026-11-28) a fresh eager process answers SmolLM2 prompts
-# of 128K and 983K tokens in 8 and 17 s, a compiled one with a warm compile cache in 29 and 50 s (tracing
+# of 128K and 983K tokens in 7 and 17 s, a compiled one with a warm compile cache in 29 and 50 s (tracing
 # and loading its programs), and the eager wavefront reads faster than the compiled one (144K tokens/s against
-# 83K). --compile pays off only for a larger model's steady state over many prompts in one process
-# (mistral-7b: 19.3K tokens/s against 17.6K, decoding 68 against 65).
+# 83K). --compile pays off only for a larger model's steady prefill over many prompts in one process
+# (mistral-7b: 19.3K tokens/s against 17.6K; decoding is faster eager, 71 against 68).
 COMPILE_ON_GPU = False
 
 

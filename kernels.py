@@ -9,8 +9,9 @@ The fast paths: chunk_attention_blocked (CPU), chunk_attention_triton (a prefill
 eager GPU; chunk_attention_fused before it, kept for comparison), and on a GPU under torch.compile the
 FlexAttention pair flex_local_part / flex_memory_part; the GPU paths take their local column sums from the Triton
 local_column_sums. Then the rest of an eager GPU's piece step, each the Triton twin of PyTorch lines that stay
-beside its call in model.py and infllm.py as the specification: rotary angles and rotations (rope_angles, rotate),
-rms_norm, the LRU (lru_fetch), the lookup's scores and selection (unit_scores, select_top), the ring writes and local mask (ring_write,
+beside its call in model.py and infllm.py as the specification: rotary angles and rotations (rope_angles, rotate,
+and piece_angles with a piece's positions), rms_norm (with the residual sum before it), the MLP's silu_mul, the LRU
+(lru_fetch), the lookup's scores and selection (unit_scores, select_top), the ring writes and local mask (ring_write,
 window_mask), the memory part (memory_part) and retirement (retire). Last, the page-locked host storage, and at the
 end the Triton kernels and the copies between pinned host memory and the GPU that ContextMemory's unit storage uses.
 """
