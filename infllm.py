@@ -335,7 +335,7 @@ class MemoryUnits:
             stored = torch.arange(self.reprs.shape[0], device=scores.device) < self.n
             scores = scores.masked_fill(~stored, float("-inf"))
         rows = scores.shape[0]
-        if self.fused_select and scores.dtype == torch.float32 and self.cfg.topk < rows <= kernels.SELECT_MOST:
+        if self.fused_select and self.cfg.topk < rows <= kernels.SELECT_MOST:  # fused: never float64, so float32 scores
             # What the lines below do, in one kernel (kernels.select_top).
             units, valid = kernels.select_top(scores, self.cfg.topk, self.n, real, self.lookups)
             return units, valid, self.fetch(units, valid)
@@ -529,10 +529,10 @@ class ContextMemory:
         # An eager GPU writes the ring, builds the masks and the memory part, looks units up and retires tokens
         # in Triton kernels of kernels.py (a few instead of some 150 tiny PyTorch ones); the PyTorch lines beside
         # each call say what it does, and stay the specification ("plain" runs them on a GPU too). Compiled,
-        # inductor fuses those lines itself. Units must be in the model's dtype, and retire averages the
-        # representative keys (the reference's).
+        # inductor fuses those lines itself; float64 (the tests' oracle) stays in PyTorch, as in model.py. Units
+        # must be in the model's dtype, and retire averages the representative keys (the reference's).
         self.fused = (torch.device(device or "cpu").type == "cuda" and not compiled and kernel != "plain"
-                      and kernels.triton is not None)
+                      and self.ring_k.dtype != torch.float64 and kernels.triton is not None)
         self.units = (MemoryUnits(cfg, n_heads, n_kv_heads, head_dim, device, dtype, parallel, compiled=compiled,
                                   fused=self.fused) if self.use_units else None)
         self.fused_retire = self.fused and self.use_units and not self.units.fp8 and cfg.repr_scoring == "mean"
@@ -615,7 +615,7 @@ class ContextMemory:
         token (n = 0, a wavefront's empty steps) changes nothing a later piece reads: it writes only ring
         slots it marks empty, selects and loads no unit, and retires nothing (only the LRU clock ticks)."""
         P, N, R, dev = q.shape[1], self.cfg.n_local, self.ring, q.device
-        if self.fused and k.dtype != torch.float64:  # the four lines below in one kernel (kernels.piece_angles)
+        if self.fused:  # the four lines below in one kernel (kernels.piece_angles)
             at, real, at_angles = kernels.piece_angles(self.pos_d, n, P, self.rope.inv_freq, k.dtype)
         else:
             t = torch.arange(P, device=dev)

@@ -153,9 +153,10 @@ class Rotary(nn.Module):
 
 
 def _fused(t: torch.Tensor, dtype) -> bool:
-    """Rotations and norms on an eager GPU run as one Triton kernel each (kernels.rotate, kernels.rope_angles,
-    kernels.rms_norm): in PyTorch operations they took some 45 kernels per layer and piece, each covering the
-    GPU. Compiled, inductor fuses the PyTorch operations itself; float64 (the tests' oracle) stays in PyTorch."""
+    """Rotations, norms (with the residual sum before one) and the MLP's silu product on an eager GPU run as one
+    Triton kernel each (kernels.rotate, rope_angles, rms_norm, silu_mul): in PyTorch operations they took some 50
+    kernels per layer and piece, each covering the GPU. Compiled, inductor fuses the PyTorch operations itself;
+    float64 (the tests' oracle) stays in PyTorch."""
     return t.is_cuda and dtype != torch.float64 and kernels.triton is not None and not torch.compiler.is_compiling()
 
 
