@@ -368,7 +368,7 @@ def load_model(ckpt, device="cpu", dtype=torch.bfloat16, rank=0, world=1) -> Tra
         model = Transformer(args)
     ours = dict(model.named_parameters(remove_duplicate=False))
     layout = checkpoint_layout(model)
-    state, found = {}, {}
+    state, found = {}, set()  # found: the checkpoint's names read
     for f in safetensors_files(ckpt):
         try:
             with safe_open(str(f), framework="pt", device="cpu") as st:
@@ -390,13 +390,14 @@ def load_model(ckpt, device="cpu", dtype=torch.bfloat16, rank=0, world=1) -> Tra
                         if param not in state:
                             state[param] = torch.empty(ours[param].shape, dtype=dtype, device=device)
                         state[param][start:start + rows] = t
-                    found[name] = True
+                    found.add(name)
         except SafetensorError as e:
             raise CheckpointError(f"{f} is not a readable safetensors file ({e})") from None
     if args.tie_embeddings:
-        found.setdefault("lm_head.weight", found.get("embed_tokens.weight"))
+        if "embed_tokens.weight" in found:
+            found.add("lm_head.weight")
         state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))
-    missing = [n for n in layout if found.get(n) is None]
+    missing = [n for n in layout if n not in found]
     if missing:
         raise CheckpointError(f"the checkpoint lacks the tensor {missing[0]!r}" +
                               (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
