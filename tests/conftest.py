@@ -15,7 +15,7 @@ def tiny_ckpt(tmp_path_factory):
         pytest.skip("run `python scripts/prepare_test_model.py` first")
     from safetensors.torch import save_file
 
-    from model import random_model, read_config
+    from model import checkpoint_state, random_model, read_config
 
     d = tmp_path_factory.mktemp("tiny")
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -27,6 +27,6 @@ def tiny_ckpt(tmp_path_factory):
            "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
     (d / "config.json").write_text(json.dumps(cfg))
     model = random_model(read_config(d))
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.contiguous() for k, v in checkpoint_state(model).items() if k != "lm_head.weight"}
     save_file(state, str(d / "model.safetensors"))
     return d

@@ -329,7 +329,7 @@ def test_rms_norm_on_the_gpu_equals_float64(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_residual_norm_and_silu_product_on_the_gpu_equal_pytorchs(dtype):
     """kernels.rms_norm with add (model.RMSNorm.add): the residual sum equal to x + h, its norm equal to the norm of
-    that sum; kernels.silu_mul (model.MLP) against float64 within its two roundings (the silu, the product) and
+    that sum; kernels.silu_mul (model.MLP, the two halves of one product) against float64 within its two roundings (the silu, the product) and
     the GPU's fast exponential, as PyTorch's F.silu(g) * u is."""
     import kernels
     g = torch.Generator().manual_seed(0)
@@ -338,7 +338,7 @@ def test_residual_norm_and_silu_product_on_the_gpu_equal_pytorchs(dtype):
     total, normed = kernels.rms_norm(x, w, 1e-5, add=h)
     assert torch.equal(total, x + h) and torch.equal(normed, kernels.rms_norm(x + h, w, 1e-5))
     gate, up = ((torch.randn(5, 3001, generator=g) * 4).to("cuda", dtype) for _ in range(2))
-    got, g64, u64 = kernels.silu_mul(gate, up), gate.double(), up.double()
+    got, g64, u64 = kernels.silu_mul(torch.cat([gate, up], dim=-1)), gate.double(), up.double()
     expect = g64 / (1 + torch.exp(-g64)) * u64
     # Two roundings of half an ulp each, the exponential's relative error (some |g| * 2^-24 in float32), and float16's
     # subnormals (spaced 2^-24) for the silu of a very negative g.

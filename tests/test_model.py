@@ -53,6 +53,29 @@ def test_logits_match_transformers(tmp_path, family):
     assert (torch.cat(parts, dim=1) - ref).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["qwen2", "tied"])
+def test_stacked_projections_hold_the_checkpoints_tensors(tmp_path, family):
+    """Attention.qkv_proj and MLP.gate_up_proj stack the checkpoint's q/k/v and gate/up by rows (biases too, in
+    qwen2): checkpoint_state cuts them back into exactly transformers' tensors, under its names."""
+    from model import checkpoint_state
+    hf = make_checkpoint(tmp_path, family)
+    theirs = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    ours = checkpoint_state(load_model(tmp_path, dtype=torch.float32))
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_misshapen_part_of_a_stacked_projection_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    def shape(d):
+        sd = load_file(d / "model.safetensors")
+        sd["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(33, 64)
+        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    msg = _broken(tmp_path, shape)
+    assert "k_proj.weight" in msg and "(33, 64)" in msg
+
+
 def test_rope_scaling_changes_logits(tmp_path):
     """The llama3 rescaling must matter at long positions, or the test above could not see it."""
     hf = make_checkpoint(tmp_path, "llama3.1")

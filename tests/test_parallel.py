@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import generate
-from model import load_model, random_model, read_config
+from model import checkpoint_state, load_model, random_model, read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "smollm2-135m-instruct"
@@ -46,7 +46,7 @@ def tiny3_ckpt(tiny_ckpt, tmp_path_factory):
            "num_key_value_heads": 3, "intermediate_size": 96}
     (d / "config.json").write_text(json.dumps(cfg))
     model = random_model(read_config(d), seed=3)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(d / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in checkpoint_state(model).items() if k != "lm_head.weight"}, str(d / "model.safetensors"))
     return d
 
 
@@ -108,13 +108,14 @@ def test_each_process_loads_its_slices():
     for rank in range(3):
         part = load_model(CKPT, dtype=torch.float32, rank=rank, world=3)
         assert part.args.n_kv_heads == 1 and part.args.n_heads == 3 and part.args.tp_size == 3
-        a, b = part.layers[7], full.layers[7]
+        a, b = checkpoint_state(part), checkpoint_state(full)  # under the checkpoint's names
         rows = slice(rank * 192, (rank + 1) * 192)
-        assert torch.equal(a.self_attn.q_proj.weight, b.self_attn.q_proj.weight[rows])
-        assert torch.equal(a.self_attn.k_proj.weight, b.self_attn.k_proj.weight[rank * 64:(rank + 1) * 64])
-        assert torch.equal(a.self_attn.o_proj.weight, b.self_attn.o_proj.weight[:, rows])
-        assert torch.equal(a.mlp.up_proj.weight, b.mlp.up_proj.weight[rank * 512:(rank + 1) * 512])
-        assert torch.equal(a.mlp.down_proj.weight, b.mlp.down_proj.weight[:, rank * 512:(rank + 1) * 512])
+        at = "layers.7.self_attn.", "layers.7.mlp."
+        assert torch.equal(a[at[0] + "q_proj.weight"], b[at[0] + "q_proj.weight"][rows])
+        assert torch.equal(a[at[0] + "k_proj.weight"], b[at[0] + "k_proj.weight"][rank * 64:(rank + 1) * 64])
+        assert torch.equal(a[at[0] + "o_proj.weight"], b[at[0] + "o_proj.weight"][:, rows])
+        assert torch.equal(a[at[1] + "up_proj.weight"], b[at[1] + "up_proj.weight"][rank * 512:(rank + 1) * 512])
+        assert torch.equal(a[at[1] + "down_proj.weight"], b[at[1] + "down_proj.weight"][:, rank * 512:(rank + 1) * 512])
         assert torch.equal(part.embed_tokens.weight, full.embed_tokens.weight)
 
 
