@@ -317,12 +317,14 @@ def _column_sums_cuda(q, k, lse, mask):
     return out
 
 
-# Tiles of the two-part attention, BM rows (query head, query) x BN keys. For a prefill piece BN = 128 took the
-# kernel from 247 to 166 us (SmolLM2) and from 292 to 227 us (mistral-7b) on an H200 against BN = 64, the best
-# of 54 and 32 configurations tried (docs/benchmarks.md); a few rows (a decoding step: one query per head of a group)
-# take the smallest tile tl.dot allows. Fixed, not autotuned: autotuning would cost time in every fresh process.
-TWO_PART_CONFIG = dict(BM=64, BN=128, num_warps=4, num_stages=2)
-TWO_PART_CONFIG_FEW = dict(BM=16, BN=64, num_warps=4, num_stages=2)
+# Tiles of the two-part attention, BM rows (query head, query) x BN keys. A prefill piece computes every tile
+# (SKIP=False): a tile nobody sees is rare there, and the branch that skips it kept Triton from pipelining the
+# loads; without it the best of 40 tiles took the kernel from 227 to 207 us (mistral-7b) and from 168 to 86 us
+# (SmolLM2) on an H200 (docs/results/attention_tiles_2026-11-28g_h200.txt). A few rows (a decoding step: one query
+# per head of a group) take the smallest tile tl.dot allows, and skip. Fixed, not autotuned: autotuning would
+# cost time in every fresh process.
+TWO_PART_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=3, SKIP=False)
+TWO_PART_CONFIG_FEW = dict(BM=16, BN=64, num_warps=4, num_stages=2, SKIP=True)
 # A launch of fewer programs than this splits the keys into up to 32 ranges, one program each, merged after by
 # their log-sum-exps (flash-decoding): a decoding step has one program per key head otherwise, each walking
 # all ~7K keys alone while the rest of the GPU idles.
@@ -725,33 +727,43 @@ if triton is not None:
 
     @triton.jit
     def _attend_keys(query, k, v, mask, n, lo, span, t, ok, d, D, m_i, l_i, acc, SCALE_LOG2: tl.constexpr,
-                     BN: tl.constexpr, PRECISION: tl.constexpr):
+                     BN: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr):
         """Adds the keys [lo, lo + span) of a part (k, v: one key head's [n, D], mask [T, n]; span a whole number
         of tiles) to the online softmax of the rows ok whose queries are t: running max m_i and sum l_i of the
-        logits in log2 units, output acc not yet divided by l_i."""
+        logits in log2 units, output acc not yet divided by l_i. SKIP: a tile nobody sees is not computed, but
+        the branch keeps Triton from pipelining the tiles' loads."""
         for start in range(0, span, BN):
             i = lo + start + tl.arange(0, BN)
             seen = tl.load(mask + t[:, None] * n + i[None, :], mask=ok[:, None] & (i[None, :] < n), other=False)
-            if tl.max(seen.to(tl.int32)) > 0:  # masks are arbitrary (a ring buffer): a tile nobody sees is skipped
-                rows = (i[:, None] < n) & (d[None, :] < D)
-                key = tl.load(k + i[:, None] * D + d[None, :], mask=rows, other=0.0)
-                s = tl.dot(query, tl.trans(key), input_precision=PRECISION) * SCALE_LOG2
-                s = tl.where(seen, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that has seen nothing yet: 0, not NaN
-                p = tl.exp2(s - m_use[:, None])
-                alpha = tl.exp2(m_i - m_use)
-                value = tl.load(v + i[:, None] * D + d[None, :], mask=rows, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value, input_precision=PRECISION)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                m_i = m_new
+            if SKIP:
+                if tl.max(seen.to(tl.int32)) > 0:  # masks are arbitrary (a ring buffer)
+                    m_i, l_i, acc = _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2, PRECISION)
+            else:
+                m_i, l_i, acc = _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2, PRECISION)
         return m_i, l_i, acc
+
+    @triton.jit
+    def _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2: tl.constexpr, PRECISION: tl.constexpr):
+        """One tile of keys i in the online softmax. A tile nobody sees changes nothing: its p are all 0 (every
+        key slot a part can hold is written or zero, so 0 * value is 0)."""
+        rows = (i[:, None] < n) & (d[None, :] < D)
+        key = tl.load(k + i[:, None] * D + d[None, :], mask=rows, other=0.0)
+        s = tl.dot(query, tl.trans(key), input_precision=PRECISION) * SCALE_LOG2
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a query that has seen nothing yet: 0, not NaN
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        value = tl.load(v + i[:, None] * D + d[None, :], mask=rows, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        return m_new, l_i, acc
 
     @triton.jit
     def _two_part_attention_kernel(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem, out, lse,
                                    part_m, part_l, part_acc, T, L, M, D, G, STEP_L, STEP_M,
                                    SCALE_LOG2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                                   SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                                   SPLIT: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr):
         """For BM rows of key head hk's group (row r: query head hk * G + r // T, query r % T) and key range j:
         the local keys, then the memory keys, in one online softmax (exp2, the scale folded into log2 units),
         each part dotted with its own queries. One range (SPLIT = 1): out and lse. Several: each range's
@@ -768,11 +780,11 @@ if triton is not None:
         query = tl.load(q_local + at, mask=inside, other=0.0)
         m_i, l_i, acc = _attend_keys(query, k_local + hk * L * D, v_local + hk * L * D, mask_local, L, j * STEP_L,
                                      STEP_L, t, ok, d, D, m_i, l_i, acc, SCALE_LOG2, BN,
-                                     PRECISION)
+                                     PRECISION, SKIP)
         query = tl.load(q_mem + at, mask=inside, other=0.0)
         m_i, l_i, acc = _attend_keys(query, k_mem + hk * M * D, v_mem + hk * M * D, mask_mem, M, j * STEP_M,
                                      STEP_M, t, ok, d, D, m_i, l_i, acc, SCALE_LOG2, BN,
-                                     PRECISION)
+                                     PRECISION, SKIP)
         if SPLIT == 1:
             # A query that saw nothing has l_i = 0: output 0 and lse -inf (log2(0) = -inf), no NaN.
             tl.store(out + at, (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty), mask=inside)
