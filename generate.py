@@ -225,7 +225,7 @@ def synced_clock(device) -> float:
 # of 128K and 983K tokens in 7 and 17 s, a compiled one with a warm compile cache in 29 and 50 s (tracing
 # and loading its programs), and the eager wavefront reads faster than the compiled one (144K tokens/s against
 # 83K). --compile pays off only for a larger model's steady prefill over many prompts in one process
-# (mistral-7b: 19.3K tokens/s against 17.6K; decoding is faster eager, 71 against 68).
+# (mistral-7b: 19.3K tokens/s against 17.8K; decoding is faster eager, 70-74 against 68).
 COMPILE_ON_GPU = False
 
 

@@ -319,7 +319,7 @@ def _column_sums_cuda(q, k, lse, mask):
 
 # Tiles of the two-part attention, BM rows (query head, query) x BN keys. A prefill piece computes every tile
 # (SKIP=False): a tile nobody sees is rare there, and the branch that skips it kept Triton from pipelining the
-# loads; without it the best of 40 tiles took the kernel from 227 to 207 us (mistral-7b) and from 168 to 86 us
+# loads; without it the best of 40 tile settings that fit took the kernel from 227 to 207 us (mistral-7b) and from 168 to 86 us
 # (SmolLM2) on an H200 (docs/results/attention_tiles_2026-11-28g_h200.txt). A few rows (a decoding step: one query
 # per head of a group) take the smallest tile tl.dot allows, and skip. Fixed, not autotuned: autotuning would
 # cost time in every fresh process.

@@ -5,7 +5,6 @@ sys.path.insert(0, '.')
 import torch
 import kernels
 from triton.testing import do_bench
-sys.path.insert(0, '.stage8')
 dev = 'cuda'
 
 def shapes(Hq, Hkv, D, P=512, N=4096, B=128, exc=512, topk=16, n_init=128):

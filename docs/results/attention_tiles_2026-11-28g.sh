@@ -2,7 +2,7 @@
 set -u
 export PYTHONUNBUFFERED=1
 date -u
-timeout 200 python .stage12/attn_tune.py > $OUT/tune.txt 2>&1; echo "tune rc $?"; grep -v "^  .*failed" $OUT/tune.txt | tail -32
+timeout 200 python docs/results/attention_tiles_2026-11-28g.py > $OUT/tune.txt 2>&1; echo "tune rc $?"; grep -v "^  .*failed" $OUT/tune.txt | tail -32
 BEST=$(grep '^BEST ' $OUT/tune.txt | cut -d' ' -f2-); FEW=$(grep '^BEST_FEW ' $OUT/tune.txt | cut -d' ' -f2-)
 rm -rf /tmp/best && mkdir /tmp/best && cp -r *.py scripts tests .stage11 /tmp/best/
 python - "$BEST" "$FEW" <<'PY'
