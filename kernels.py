@@ -327,8 +327,11 @@ TWO_PART_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=3, SKIP=False)
 TWO_PART_CONFIG_FEW = dict(BM=16, BN=64, num_warps=4, num_stages=2, SKIP=True)
 # A launch of fewer programs than this splits the keys into up to 32 ranges, one program each, merged after by
 # their log-sum-exps (flash-decoding): a decoding step has one program per key head otherwise, each walking
-# all ~7K keys alone while the rest of the GPU idles.
+# all ~7K keys alone while the rest of the GPU idles. A decoding step aims at twice as many programs: mistral-7b's
+# 8 key heads then take 32 ranges each instead of 16, and its attention 16.7 us instead of 22.8 (range merge 5.2
+# instead of 6.5) on an H200 (docs/benchmarks.md, 2026-11-28); a piece keeps the lower aim, never measured higher.
 SPLIT_BELOW = 128
+SPLIT_BELOW_FEW = 256
 
 
 def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
@@ -338,10 +341,11 @@ def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_m
     them) and one range of its keys. Sizes only from shapes, no host sync: it replays in CUDA graphs."""
     (Hq, T, D), (Hkv, L), M = q_local.shape, k_local.shape[:2], k_mem.shape[1]
     G = Hq // Hkv
-    config = TWO_PART_CONFIG_FEW if G * T <= TWO_PART_CONFIG_FEW["BM"] else TWO_PART_CONFIG
+    few = G * T <= TWO_PART_CONFIG_FEW["BM"]
+    config = TWO_PART_CONFIG_FEW if few else TWO_PART_CONFIG
     BN = config["BN"]
     blocks = -(-G * T // config["BM"])
-    split = max(1, min(32, SPLIT_BELOW // max(1, blocks * Hkv)))
+    split = max(1, min(32, (SPLIT_BELOW_FEW if few else SPLIT_BELOW) // max(1, blocks * Hkv)))
     step = lambda n: -(-n // (split * BN)) * BN  # keys of a part per range, whole tiles  # noqa: E731
     out = torch.empty(Hq, T, D, dtype=q_local.dtype, device=q_local.device)
     lse = torch.empty(Hq, T, dtype=torch.float32, device=q_local.device)
