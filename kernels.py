@@ -319,10 +319,10 @@ def _column_sums_cuda(q, k, lse, mask):
 
 # Tiles of the two-part attention, BM rows (query head, query) x BN keys. A prefill piece computes every tile
 # (SKIP=False): a tile nobody sees is rare there, and the branch that skips it kept Triton from pipelining the
-# loads; without it the best of 40 tile settings that fit took the kernel from 227 to 207 us (mistral-7b) and from 168 to 86 us
-# (SmolLM2) on an H200 (docs/results/attention_tiles_2026-11-28g_h200.txt). A few rows (a decoding step: one query
-# per head of a group) take the smallest tile tl.dot allows, and skip. Fixed, not autotuned: autotuning would
-# cost time in every fresh process.
+# loads. Without it, the best of the 40 tile settings that fit took the kernel from 227 to 207 us (mistral-7b)
+# and from 168 to 86 us (SmolLM2) on an H200 (docs/results/attention_tiles_2026-11-28g_h200.txt). A few rows (a
+# decoding step: one query per head of a group) take the smallest tile tl.dot allows, and skip. Fixed, not
+# autotuned: autotuning would cost time in every fresh process.
 TWO_PART_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=3, SKIP=False)
 TWO_PART_CONFIG_FEW = dict(BM=16, BN=64, num_warps=4, num_stages=2, SKIP=True)
 # A launch of fewer programs than this splits the keys into up to 32 ranges, one program each, merged after by
