@@ -13,7 +13,6 @@ import time
 STARTED = time.time()  # the process's start, near enough: before torch is imported
 
 import argparse
-import contextlib
 import functools
 import gc
 import json
@@ -23,7 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from infllm import (ContextMemory, InfLLMConfig, SnapshotError, load_memory, make_caches, memory_plan, memory_stats,
                     read_snapshot_header, save_memory)
@@ -87,30 +85,37 @@ class FixedShapes:
     outputs are the same; only the linear layers see 512 rows at a time instead of 8192.
 
     That dependency allows more: a long prompt runs as a wavefront. Step s runs layer l on piece s - l, for
-    every layer at once (each on a CUDA stream of its own, one graph for the step), so a small model's few
-    hundred small kernels per layer and piece run side by side instead of one after another: K pieces take
-    K + n_layers - 1 steps, the layers not yet reached (or already done) running pieces without a real token,
-    which change nothing (see ContextMemory._attend_piece)."""
+    every layer holding a piece, each on a CUDA stream of its own and from a graph of its own, so a small
+    model's few hundred small kernels per layer and piece run side by side instead of one after another.
+    There is no barrier between steps: a layer starts its next piece once the layer below has handed it
+    over and the layer above has taken the last one (two input buffers, by the step's parity), so a layer
+    that finishes early does not wait for the slowest. The first and last n_layers - 1 steps run only the
+    layers that hold a piece."""
 
     def __init__(self, model, caches, graphs=True, wavefront=None):
         if not all(isinstance(c, ContextMemory) for c in caches):
             raise UsageError("CUDA graphs need the InfLLM or stream caches (full attention grows its cache)")
         self.model, self.caches, self.use_graphs = model, caches, graphs
         self.piece = caches[0].cfg.exc_block_size
-        # From how many pieces a call runs as a wavefront (its n_layers - 1 extra steps must pay). Not under
-        # tensor parallel: every process must run its all-reduces in one order, and the streams' is free.
+        # From how many pieces a call runs as a wavefront. Not under tensor parallel: every process must run
+        # its all-reduces in one order, and the streams' is free.
         self.wavefront = wavefront if wavefront is not None else (len(caches) if model.args.tp_size == 1 else 0)
         self.graphs, self.version, self.captures = {}, None, 0
         # Seconds in forwards of a kind run for the first time, with their captures (torch.compile's tracing
         # and compiling, lazy set-up, the piece's own work): what a later prompt replays instead.
         self.warm, self.warmup_s = set(), 0.0
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
-        self.wave = None  # its buffers: each layer's input and output piece and real tokens; streams
+        self.inputs = {}  # each kind's static input: the tokens and how many are real
+        self.wave = None  # the wavefront's buffers, streams and events (_wave_buffers)
 
     def __call__(self, tokens, last_only=False, progress=None):
         T, P = tokens.shape[1], self.piece
         for c in self.caches:  # the storage for the whole call at once: it must not move mid-wave
             c.reserve(c.pos + T)
+        version = tuple(c.units.version for c in self.caches if c.use_units)
+        if version != self.version:  # storage moved: the graphs point at the old buffers
+            self.graphs, self.version, self.warm = {}, version, set()
+            self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # dies with its last graph
         if self.wavefront and T > P and -(-T // P) >= self.wavefront:
             return self._wavefront(tokens, last_only, progress)
         s, outs = 0, []
@@ -119,14 +124,21 @@ class FixedShapes:
             n = min(L, T - s)
             for c in self.caches:  # the unit storage this piece may touch, locked before it is queued
                 c.pin(c.pos + L)
-            out = self._replay((L, last_only), tokens[:, s:s + n], L, functools.partial(self._forward, last_only))
+            tok, real = self._input((L, last_only), L, tokens[:, s:s + n])
+            out = self._run((L, last_only), functools.partial(self.model, tok, self.caches, last_only, real))
             outs.append(out if last_only else out[:, :n].clone())  # a replay overwrites its output
             self._advance(n, progress)
             s += n
         return outs[-1] if last_only else torch.cat(outs, dim=1)
 
-    def _forward(self, last_only, tokens, n):
-        return self.model(tokens, self.caches, last_only=last_only, n_valid=n)
+    def _input(self, key, L, tokens):
+        """key's static input, holding tokens (padded to L) and their count."""
+        if key not in self.inputs:
+            self.inputs[key] = (tokens.new_zeros(1, L), torch.zeros((), dtype=torch.long, device=tokens.device))
+        tok, real = self.inputs[key]
+        tok[:, :tokens.shape[1]].copy_(tokens)  # the padding keeps what it held: no real query sees it
+        real.fill_(tokens.shape[1])
+        return tok, real
 
     def _advance(self, n, progress):
         for c in self.caches:
@@ -134,84 +146,97 @@ class FixedShapes:
         if progress is not None:
             progress.update(n)
 
-    def _replay(self, key, tokens, L, forward):
-        """forward(tokens padded to L, n) -> output, the first n = len(tokens) real: run as it is the first
-        time (and captured), replayed from its CUDA graph after that."""
-        n = tokens.shape[1]
-        version = tuple(c.units.version for c in self.caches if c.use_units)
-        if version != self.version:  # storage moved: the graphs point at the old buffers
-            self.graphs, self.version, self.warm = {}, version, set()
-            self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None  # dies with its last graph
+    def _run(self, key, forward, stream=None):
+        """forward() as it is the first time key comes (and captured on stream), replayed from its CUDA graph
+        after that. Returns its output (a replay's: the same tensor each time)."""
         if key in self.graphs:
-            graph, static_in, static_n, static_out = self.graphs[key]
-            static_in[:, :n].copy_(tokens)
-            static_n.fill_(n)
+            graph, out = self.graphs[key]
             graph.replay()
-            return static_out
+            return out
         first = key not in self.warm
-        start = synced_clock(tokens.device) if first else None
-        static_in = F.pad(tokens, (0, L - n))
-        static_n = torch.full((), n, dtype=torch.long, device=tokens.device)
-        out = forward(static_in, static_n)
+        dev = self.model.embed_tokens.weight.device
+        start = synced_clock(dev) if first else None
+        out = forward()
         if self.use_graphs:  # recording runs no kernel: the device state stays that of the run above
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_out = forward(static_in, static_n)
-            self.graphs[key] = (graph, static_in, static_n, static_out)
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                self.graphs[key] = (graph, forward())
             self.captures += 1
         if first:
             self.warm.add(key)
-            self.warmup_s += synced_clock(tokens.device) - start
+            self.warmup_s += synced_clock(dev) - start
         return out
+
+    def _wave_buffers(self):
+        """x[p, l]: the piece at layer l's input at a step of parity p, held[p, l]: its real tokens (layer 0
+        reads the step's tokens instead). Layer l at step s reads x[s % 2, l] and writes x[1 - s % 2, l + 1], so it
+        may run while the layer above still reads its own input. On a GPU: a stream for each layer, and an event
+        for each layer and parity, recorded when the layer's step is done."""
+        m, n_layers, P = self.model, len(self.caches), self.piece
+        x = m.embed_tokens.weight.new_zeros(2, n_layers, P, m.args.dim)
+        held = torch.zeros(2, n_layers, dtype=torch.long, device=x.device)
+        streams = events = None
+        if x.device.type == "cuda":
+            # Default priority (the unit loaders take high priority: infllm.MemoryUnits). The pool holds 32
+            # streams per priority, so beyond 32 layers two layers share one and run one after the other.
+            streams = [torch.cuda.Stream(x.device) for _ in range(n_layers)]
+            events = [[torch.cuda.Event() for _ in range(n_layers)] for _ in range(2)]
+        return x, held, streams, events
 
     def _wavefront(self, tokens, last_only, progress):
         T, P, n_layers = tokens.shape[1], self.piece, len(self.caches)
         K = -(-T // P)
         if self.wave is None:
-            m = self.model
-            x = m.embed_tokens.weight.new_zeros(n_layers, P, m.args.dim)
-            dev = x.device
-            # Default priority (the unit loaders take high priority: infllm.MemoryUnits). The pool holds 32
-            # streams per priority, so beyond 32 layers two layers share one and run one after the other.
-            streams = [torch.cuda.Stream(dev) for _ in range(n_layers)] if dev.type == "cuda" else None
-            self.wave = (x, torch.zeros_like(x), torch.zeros(n_layers, dtype=torch.long, device=dev), streams)
-        held = self.wave[2]  # real tokens of the piece at each layer's input
-        held.zero_()  # no layer holds a piece yet (a wave cut short, by Ctrl-C say, left some)
-        outs = []
+            self.wave = self._wave_buffers()
+        streams, done = self.wave[2:]
+        main = torch.cuda.current_stream() if streams else None
+        for s in streams or ():
+            s.wait_stream(main)
+        logits = None if last_only else torch.empty(1, T, self.model.args.vocab_size, device=tokens.device)
         for s in range(K + n_layers - 1):  # piece s enters at the bottom; piece s - n_layers + 1 leaves at the top
-            piece = tokens[:, s * P:(s + 1) * P]  # empty past the last piece: nothing real enters
+            p = s % 2
             for c in self.caches:  # the unit storage this step may touch, locked before it is queued
                 c.pin(c.pos + (s + 1) * P)
-            out = self._replay(("wave", last_only), piece, P, functools.partial(self._wave_step, last_only))
-            if progress is not None:
-                progress.update(piece.shape[1])
-            done = s - n_layers + 1
-            if done >= 0 and not last_only:
-                outs.append(out[:, :min(P, T - done * P)].clone())
-        self._advance(T, None)
-        return out if last_only else torch.cat(outs, dim=1)
-
-    def _wave_step(self, last_only, tokens, n):
-        """One step of the wavefront: every layer runs the piece waiting at its input, side by side; then
-        each piece moves up a layer. Returns the logits of the piece that left the top layer."""
-        m, (x, y, held, streams) = self.model, self.wave
-        x[0].copy_(m.embed_tokens(tokens)[0])
-        held[0].copy_(n)
-        main = torch.cuda.current_stream() if streams else None
-        for i, (layer, cache) in enumerate(zip(m.layers, self.caches)):
-            if streams:
-                streams[i].wait_stream(main)
-            with torch.cuda.stream(streams[i]) if streams else contextlib.nullcontext():
-                y[i].copy_(layer(x[i][None], cache, held[i])[0])
+            for i in range(max(0, s - K + 1), min(s, n_layers - 1) + 1):  # the layers holding a piece: s - i
+                if streams:
+                    stream = streams[i]
+                    for j in (i - 1, i + 1):  # below: its output is our input; above: done reading what we write
+                        if 0 <= j < n_layers:
+                            stream.wait_event(done[1 - p][j])
+                    torch.cuda.set_stream(stream)
+                if i == 0:
+                    self._input(("wave", p), P, tokens[:, s * P:(s + 1) * P])
+                step = functools.partial(self._layer_step, i, p, last_only)
+                out = self._run(("wave", i, p, last_only), step, streams[i] if streams else None)
+                if i == n_layers - 1 and not last_only:
+                    d = s - n_layers + 1  # the piece that left the top
+                    logits[:, d * P:(d + 1) * P].copy_(out[:, :min(P, T - d * P)])
+                if streams:
+                    done[p][i].record(stream)
+                    torch.cuda.set_stream(main)
+            if s < K and progress is not None:
+                progress.update(min(P, T - s * P))
         for s in streams or ():
             main.wait_stream(s)
-        top = y[-1][None]
-        if last_only:
-            top = top.index_select(1, (held[-1] - 1).clamp(min=0).view(1))
-        out = m.logits(top)
-        x[1:].copy_(y[:-1])
-        held[1:].copy_(held[:-1].clone())
-        return out
+        self._advance(T, None)
+        return out if last_only else logits
+
+    def _layer_step(self, i, p, last_only):
+        """Layer i's part of a wave step of parity p: the piece at its input through the layer, into the input
+        of the layer above for the next step. The bottom layer embeds the step's tokens first; the top one
+        returns the logits (of the piece's last real token with last_only)."""
+        m, (x, held, _, _) = self.model, self.wave
+        if i == 0:
+            tok, n = self.inputs[("wave", p)]
+            inp = m.embed_tokens(tok)
+        else:
+            inp, n = x[p, i][None], held[p, i]
+        y = m.layers[i](inp, self.caches[i], n)
+        if i == len(self.caches) - 1:
+            return m.logits(y.index_select(1, (n - 1).clamp(min=0).view(1)) if last_only else y)
+        x[1 - p, i + 1].copy_(y[0])
+        held[1 - p, i + 1].copy_(n)
+        return None
 
 
 def synced_clock(device) -> float:
