@@ -247,10 +247,11 @@ def synced_clock(device) -> float:
 
 
 # Not by default: on an H200 (docs/benchmarks.md, 2026-11-28) a fresh eager process answers SmolLM2 prompts
-# of 128K and 983K tokens in 7 and 17 s, a compiled one with a warm compile cache in 29 and 50 s (tracing
-# and loading its programs), and the eager wavefront reads faster than the compiled one (144K tokens/s against
-# 83K). --compile pays off only for a larger model's steady prefill over many prompts in one process
-# (mistral-7b: 19.3K tokens/s against 17.8K; decoding is faster eager, 70-74 against 68).
+# of 128K and 983K tokens in 7 and 14 s, a compiled one with a warm compile cache in 29 and 50 s (tracing
+# and loading its programs), and the eager wavefront reads faster than the compiled one (166K tokens/s against
+# 83K). The steady prefill of a larger model, the one place --compile paid, is now faster eager too (mistral-7b:
+# 20.5-21.0K tokens/s eager, 19.3K compiled before the wavefront lost its barrier); decoding is faster eager
+# (72-75 tokens/s against 68).
 COMPILE_ON_GPU = False
 
 
