@@ -75,8 +75,8 @@ class FixedShapes:
     one of a prompt padded) and one token (the prompt's last token, decoding). With InfLLM's caches
     nothing else a forward does depends on the prompt, so with graphs (on a GPU) each kind runs as usual
     the first time it comes (torch.compile's warm-up, if any) and is captured in a CUDA graph right after;
-    from then on it is replayed: one launch for the whole model, no Python per layer, the lookup and the
-    cache update included. A few captures serve every prompt of any length; only a prompt longer than the
+    from then on it is replayed: one launch for the whole model (a wavefront's: one a layer), no Python
+    inside a layer, the lookup and the cache update included. A few captures serve every prompt of any length; only a prompt longer than the
     unit storage was reserved for moves the storage and re-captures.
 
     A prefill chunk thus runs piece by piece through all layers, where the reference runs each layer over
@@ -190,34 +190,37 @@ class FixedShapes:
             self.wave = self._wave_buffers()
         streams, done = self.wave[2:]
         main = torch.cuda.current_stream() if streams else None
-        for s in streams or ():
-            s.wait_stream(main)
+        for st in streams or ():
+            st.wait_stream(main)
         logits = None if last_only else torch.empty(1, T, self.model.args.vocab_size, device=tokens.device)
-        for s in range(K + n_layers - 1):  # piece s enters at the bottom; piece s - n_layers + 1 leaves at the top
-            p = s % 2
-            for c in self.caches:  # the unit storage this step may touch, locked before it is queued
-                c.pin(c.pos + (s + 1) * P)
-            for i in range(max(0, s - K + 1), min(s, n_layers - 1) + 1):  # the layers holding a piece: s - i
-                if streams:
-                    stream = streams[i]
-                    for j in (i - 1, i + 1):  # below: its output is our input; above: done reading what we write
-                        if 0 <= j < n_layers:
-                            stream.wait_event(done[1 - p][j])
-                    torch.cuda.set_stream(stream)
-                if i == 0:
-                    self._input(("wave", p), P, tokens[:, s * P:(s + 1) * P])
-                step = functools.partial(self._layer_step, i, p, last_only)
-                out = self._run(("wave", i, p, last_only), step, streams[i] if streams else None)
-                if i == n_layers - 1 and not last_only:
-                    d = s - n_layers + 1  # the piece that left the top
-                    logits[:, d * P:(d + 1) * P].copy_(out[:, :min(P, T - d * P)])
-                if streams:
-                    done[p][i].record(stream)
-                    torch.cuda.set_stream(main)
-            if s < K and progress is not None:
-                progress.update(min(P, T - s * P))
-        for s in streams or ():
-            main.wait_stream(s)
+        try:
+            for s in range(K + n_layers - 1):  # piece s enters at the bottom; piece s - n_layers + 1 leaves at the top
+                p = s % 2
+                for c in self.caches:  # the unit storage this step may touch, locked before it is queued
+                    c.pin(c.pos + (s + 1) * P)
+                for i in range(max(0, s - K + 1), min(s, n_layers - 1) + 1):  # the layers holding a piece: s - i
+                    if streams:
+                        for j in (i - 1, i + 1):  # below: its output is our input; above: done reading what we write
+                            if 0 <= j < n_layers:
+                                streams[i].wait_event(done[1 - p][j])
+                        torch.cuda.set_stream(streams[i])
+                    if i == 0:
+                        self._input(("wave", p), P, tokens[:, s * P:(s + 1) * P])
+                    step = functools.partial(self._layer_step, i, p, last_only)
+                    out = self._run(("wave", i, p, last_only), step, streams[i] if streams else None)
+                    if i == n_layers - 1 and not last_only:
+                        d = s - n_layers + 1  # the piece that left the top
+                        logits[:, d * P:(d + 1) * P].copy_(out[:, :min(P, T - d * P)])
+                    if streams:
+                        done[p][i].record(streams[i])
+                        torch.cuda.set_stream(main)
+                if s < K and progress is not None:
+                    progress.update(min(P, T - s * P))
+        finally:  # also when cut short (Ctrl-C): what runs next on the main stream waits for every layer
+            if streams:
+                torch.cuda.set_stream(main)
+                for st in streams:
+                    main.wait_stream(st)
         self._advance(T, None)
         return out if last_only else logits
 
