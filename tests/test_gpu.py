@@ -159,9 +159,9 @@ def test_a_prompt_of_another_length_compiles_no_triton_kernel():
 
 @pytest.mark.parametrize("kernel", ["fused", "triton", "flex"])
 def test_wavefront_on_streams_equals_pieces_in_order(kernel):
-    """A prompt of 40 pieces through 6 layers as a wavefront, replayed from one CUDA graph whose layers run
-    on streams of their own, unit loads and write-backs on each layer's side stream: the logits after the
-    prompt, the greedy tokens after it, the selections and statistics of the pieces in order."""
+    """A prompt of 40 pieces through 6 layers as a wavefront, each layer replayed from graphs of its own on a
+    stream of its own, with no barrier between steps, unit loads and write-backs on each layer's side stream:
+    the logits after the prompt, the greedy tokens after it, the selections and statistics of the pieces in order."""
     from generate import FixedShapes, decode, prefill
     args = ModelArgs(vocab_size=211, dim=128, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=16, ffn_dim=256)
     model = random_model(args, device="cpu", dtype=torch.float32, seed=1).to("cuda", torch.bfloat16)
