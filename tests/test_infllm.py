@@ -514,6 +514,21 @@ def test_fixed_shapes_count_warm_up_once(model64):
     assert fixed.warm == {(SMALL.exc_block_size, True), (1, False)}
 
 
+def test_wavefront_runs_each_layer_once_a_piece():
+    """A wavefront's first and last n_layers - 1 steps run only the layers that hold a piece: over a prompt of
+    20 pieces through 5 layers (24 steps), each layer runs 20 times, one a piece, and then once for the last
+    token; no layer runs a piece without a real token."""
+    from generate import FixedShapes, prefill
+    model = random_model(dataclasses.replace(ARGS, n_layers=5), dtype=torch.float32, seed=5)
+    caches = make_caches(model, "infllm", SMALL, kernel="blocked")
+    runs = [[] for _ in model.layers]
+    for layer, seen in zip(model.layers, runs):
+        layer.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(int(args[2])))
+    prefill(model, caches, tokens(158, 42).tolist()[0], SMALL.chunk_size, forward=FixedShapes(model, caches, graphs=False, wavefront=5))
+    pieces = [SMALL.exc_block_size] * 19 + [157 - 19 * SMALL.exc_block_size]
+    assert runs == [pieces + [1]] * 5
+
+
 @pytest.mark.parametrize("attention", ["infllm", "stream"])
 def test_wavefront_prefill_equals_pieces_in_order(attention):
     """generate.prefill through FixedShapes with a wavefront (the whole prompt in one call: 20 pieces
