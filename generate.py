@@ -76,8 +76,8 @@ class FixedShapes:
     nothing else a forward does depends on the prompt, so with graphs (on a GPU) each kind runs as usual
     the first time it comes (torch.compile's warm-up, if any) and is captured in a CUDA graph right after;
     from then on it is replayed: one launch for the whole model (a wavefront's: one a layer), no Python
-    inside a layer, the lookup and the cache update included. A few captures serve every prompt of any length; only a prompt longer than the
-    unit storage was reserved for moves the storage and re-captures.
+    inside a layer, the lookup and the cache update included. A few captures serve every prompt of any
+    length; only a prompt longer than the unit storage was reserved for moves the storage and re-captures.
 
     A prefill chunk thus runs piece by piece through all layers, where the reference runs each layer over
     the whole chunk before the next: the same arithmetic in another order (a layer's piece depends only
