@@ -461,26 +461,34 @@ def unit_scores(q_mem, real, reprs, n):
                               BD=triton.next_power_of_2(D))
     rows = reprs.shape[0]
     scores = torch.empty(rows, dtype=torch.float32, device=q_mem.device)
-    BU = 16  # units per program
-    _unit_scores_kernel[(-(-rows // BU),)](reprs, mean, scores, n, rows, Hq * D, BU=BU, BK=256)
+    # Units per program: 4 keep every SM of an H200 busy at 128K's 1,025 units (5.2 us a mistral-7b lookup against
+    # 7.7 with 16); from some 8K units on, 16 a program read faster (19.4 us against 21.0; docs/benchmarks.md).
+    BU, BK = (4, 512) if rows <= 4096 else (16, 256)
+    _unit_scores_kernel[(-(-rows // BU),)](reprs, mean, scores, n, rows, Hq * D, BU=BU, BK=BK)
     return scores
 
 
-SELECT_MOST = 16384  # scores select_top takes in one program (units of 2M tokens); more go to select_units
+SELECT_MOST = 16384  # scores select_top ranks (units of 2M tokens; its work grows as their square); more go to select_units
 
 
 def select_top(scores, topk, n, real, lookups):
-    """MemoryUnits.lookup's selection on an eager GPU in one kernel (instead of some 13: top-k, two sorts, copies,
+    """MemoryUnits.lookup's selection on an eager GPU in two kernels (instead of some 13: top-k, two sorts, copies,
     the valid entries, the lookup count): the topk best rows of scores [rows > topk] float32 (-inf past the n
     stored units), ascending; valid where the row is stored and some query is real (real [T] bool); lookups (a
     device count) += any valid. Ties between scores go to the lower row (torch.topk leaves them unspecified);
-    the rows of entries that are not valid may differ from select_units', and nothing reads them."""
+    the rows of entries that are not valid may differ from select_units', and nothing reads them.
+    A row is chosen when fewer than topk rows beat it: the first kernel counts that for blocks of rows side by
+    side (a decoding step's 1,025 rows in 65 programs), a block stopping as soon as topk rows beat each of its
+    rows (most blocks after a tile or two); the second lists the chosen rows in order. One program taking
+    the best row topk times over took 16.4 us a mistral-7b layer (docs/benchmarks.md)."""
     rows = scores.shape[0]
     units = torch.empty(topk, dtype=torch.long, device=scores.device)
     valid = torch.empty(topk, dtype=torch.bool, device=scores.device)
-    BR = triton.next_power_of_2(rows)
-    _select_top_kernel[(1,)](scores, real, n, lookups, units, valid, rows, real.shape[0], K=topk, BR=BR,
-                             BT=triton.next_power_of_2(real.shape[0]), num_warps=8 if BR >= 4096 else 4)
+    chosen = torch.empty(rows, dtype=torch.int8, device=scores.device)
+    BI, BJ = 16, 128  # rows ranked per program, rows compared with them at a time (tiles: docs/benchmarks.md)
+    _rank_rows_kernel[(-(-rows // BI),)](scores, chosen, rows, K=topk, BI=BI, BJ=BJ, num_warps=2)
+    _list_chosen_kernel[(1,)](chosen, real, n, lookups, units, valid, rows, real.shape[0], BR=2048,
+                              BT=triton.next_power_of_2(real.shape[0]))
     return units, valid
 
 
@@ -944,27 +952,36 @@ if triton is not None:
         tl.store(scores + u, tl.where(u < tl.load(n), acc, float("-inf")), mask=u < ROWS)
 
     @triton.jit(do_not_specialize=["ROWS"])
-    def _select_top_kernel(scores, real, n, lookups, units, valid, ROWS, T, K: tl.constexpr, BR: tl.constexpr,
-                           BT: tl.constexpr):
-        i = tl.arange(0, BR)
+    def _rank_rows_kernel(scores, chosen, ROWS, K: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+        i = tl.program_id(0) * BI + tl.arange(0, BI)
         x = tl.load(scores + i, mask=i < ROWS, other=float("-inf"))
-        # One integer key per row, ordered as (score, then the lower row): the score's bits made to order as
-        # integers do (a negative float's magnitude bits flipped), the row below them. K times, the best key
-        # is taken (set below every key); the taken rows, counted in row order, are the ascending selection.
-        b = x.to(tl.int32, bitcast=True)
-        key = (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64) * 4294967296 + (BR - 1 - i)
-        taken = -9223372036854775807 - 1
-        key = tl.where(i < ROWS, key, taken + 1)
-        for _ in tl.static_range(K):
-            key = tl.where(key == tl.max(key, axis=0), taken, key)
-        chosen = key == taken
-        at = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        beaten = tl.where(i < ROWS, 0, K)  # rows that beat row i: a higher score, or the same one and a lower row
+        j0 = 0
+        while (j0 < ROWS) & (tl.min(beaten, axis=0) < K):  # until each row is out or every row was compared
+            j = j0 + tl.arange(0, BJ)
+            y = tl.load(scores + j, mask=j < ROWS, other=float("-inf"))
+            beats = ((y[None, :] > x[:, None]) | ((y[None, :] == x[:, None]) & (j[None, :] < i[:, None])))
+            beaten += tl.sum((beats & (j < ROWS)[None, :]).to(tl.int32), axis=1)
+            j0 += BJ
+        tl.store(chosen + i, (beaten < K).to(tl.int8), mask=i < ROWS)
+
+    @triton.jit(do_not_specialize=["ROWS", "T"])
+    def _list_chosen_kernel(chosen, real, n, lookups, units, valid, ROWS, T, BR: tl.constexpr, BT: tl.constexpr):
         t = tl.arange(0, BT)
         some = tl.max((tl.load(real + t, mask=t < T, other=0) != 0).to(tl.int32), axis=0) > 0
-        ok = chosen & (i < tl.load(n)) & some
-        tl.store(units + at, i.to(tl.int64), mask=chosen)
-        tl.store(valid + at, ok, mask=chosen)
-        tl.store(lookups, tl.load(lookups) + (tl.max(ok.to(tl.int32), axis=0) > 0).to(tl.int64))
+        stored = tl.load(n)
+        before = 0  # chosen rows below this stretch: where its first one goes
+        looked = 0
+        for r0 in range(0, ROWS, BR):
+            i = r0 + tl.arange(0, BR)
+            c = tl.load(chosen + i, mask=i < ROWS, other=0).to(tl.int32)
+            at = before + tl.cumsum(c, axis=0) - 1
+            ok = (c > 0) & (i < stored) & some
+            tl.store(units + at, i.to(tl.int64), mask=c > 0)
+            tl.store(valid + at, ok, mask=c > 0)
+            looked = tl.maximum(looked, tl.max(ok.to(tl.int32), axis=0))
+            before += tl.sum(c, axis=0)
+        tl.store(lookups, tl.load(lookups) + looked.to(tl.int64))
 
     @triton.jit(do_not_specialize=["T"])
     def _ring_write_kernel(k, v, cos, sin, at, real, ring_k, ring_kr, ring_v, ring_score, ring_pos, T, HALF, R, HQ,
