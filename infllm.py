@@ -213,10 +213,10 @@ class MemoryUnits:
         # fused (an eager GPU, see ContextMemory): fetch's bookkeeping in one kernel, kernels.lru_fetch, which
         # ranks the slots by comparing every pair in one program: up to 128 slots.
         self.fused_fetch = fused and S <= 128
-        # And the reference's unit scores in two kernels (kernels.unit_scores); the options and tensor parallel's
-        # sum over processes take score_units.
-        self.fused_scores = (fused and not parallel and cfg.repr_scoring == "mean" and cfg.lookup_queries == "mean")
-        # The top-k that follows them, whatever scored them, in one kernel (kernels.select_top).
+        # And the reference's unit scores in two kernels (kernels.unit_scores), tensor parallel's partial ones too
+        # (-inf past the units stored on every process sums to -inf); the options take score_units.
+        self.fused_scores = fused and cfg.repr_scoring == "mean" and cfg.lookup_queries == "mean"
+        # The top-k that follows them, whatever scored them, in two kernels (kernels.select_top).
         self.fused_select = fused
         if self.loader is not None:
             most = new_units_most(cfg, cfg.exc_block_size)
@@ -326,6 +326,8 @@ class MemoryUnits:
         # same units, as one process would. (repr_scoring=best takes its max per head: still a sum over heads.)
         if self.fused_scores and self.last is None:  # the same, in two kernels (kernels.unit_scores)
             scores = kernels.unit_scores(q_mem, real, self.reprs, self.n)
+            if self.parallel:
+                scores = sum_scores_over_processes(scores)
         else:
             scores = kernels.score_units(q_mem, self.reprs, real, best_token=self.cfg.repr_scoring == "best",
                                          each_query=self.cfg.lookup_queries == "each",
@@ -336,7 +338,7 @@ class MemoryUnits:
             scores = scores.masked_fill(~stored, float("-inf"))
         rows = scores.shape[0]
         if self.fused_select and self.cfg.topk < rows <= kernels.SELECT_MOST:  # fused: never float64, so float32 scores
-            # What the lines below do, in one kernel (kernels.select_top).
+            # What the lines below do, in two kernels (kernels.select_top).
             units, valid = kernels.select_top(scores, self.cfg.topk, self.n, real, self.lookups)
             return units, valid, self.fetch(units, valid)
         units = kernels.select_units(scores, self.cfg.topk)

@@ -313,6 +313,24 @@ def test_unit_scores_on_the_gpu_equal_float64(dtype, Hq, T, D, rows):
     assert ((got[:n].double() - expect[:n]).abs() <= 1e-5 * scale[:n]).all()
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_unit_scores_of_each_process_sum_to_one_process(world):
+    """Tensor parallel scores units with kernels.unit_scores on each process's query heads and their columns of
+    the representative keys, then sums over processes (infllm.MemoryUnits.lookup): the sum equals one process's
+    scores within float32 rounding, and the units not stored stay -inf (no NaN from adding them)."""
+    import kernels
+    Hq, T, D, rows, n = 12, 5, 64, 1025, 1000
+    q = torch.randn(Hq, T, D, device="cuda", dtype=torch.bfloat16)
+    reprs = torch.randn(rows, Hq * D, device="cuda", dtype=torch.bfloat16)
+    real, stored = (torch.arange(T) < 3).cuda(), torch.tensor(n).cuda()
+    whole = kernels.unit_scores(q, real, reprs, stored)
+    h = Hq // world
+    parts = sum(kernels.unit_scores(q[r * h:(r + 1) * h], real, reprs[:, r * h * D:(r + 1) * h * D].contiguous(), stored)
+                for r in range(world))
+    assert torch.isinf(parts[n:]).all() and (parts[n:] < 0).all() and torch.isfinite(parts[:n]).all()
+    assert torch.allclose(parts[:n], whole[:n], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rms_norm_on_the_gpu_equals_float64(dtype):
     """kernels.rms_norm (the eager GPU's RMSNorm) within the rounding of the reference's two steps (normalised
