@@ -497,6 +497,43 @@ def test_fixed_shapes_match_dense_oracle(model64, attention, kernel, wavefront):
             assert torch.allclose(c.units.reprs[:c.units.count], torch.stack(o.reprs), atol=1e-12)
 
 
+@pytest.mark.parametrize("stop_at", [0, 3, None])
+def test_greedy_decoding_ahead_equals_decoding_step_by_step(model64, stop_at):
+    """decode through FixedShapes chooses each greedy token on the device and queues its step before the host
+    has seen it (decode_ahead); a stop token is then fed as padding and taken back. Against the same forward
+    driven token by token (the host choosing): the same tokens, ended by a stop token (the first, a later one)
+    or by max_new_tokens, and caches that go on alike: the same positions on host and device, statistics and
+    selections, and the same logits for tokens fed after the answer."""
+    from generate import FixedShapes, decode, prefill
+    ids, more = tokens(120, 70).tolist()[0], tokens(9, 71)
+    runs = []
+    for ahead in (False, True):
+        caches = make_caches(model64, "infllm", SMALL, kernel="blocked")
+        for c in caches:
+            c.trace = []
+        fixed = FixedShapes(model64, caches, graphs=False)
+        logits = prefill(model64, caches, ids, SMALL.chunk_size, forward=fixed)
+        if stop_at is None:
+            stop = ()
+        else:  # a stop token where the free run has its stop_at-th token
+            free = decode(model64, caches, logits, 8, forward=lambda t: fixed(t))
+            for c in caches:
+                c.reset()
+                c.trace = []
+            logits = prefill(model64, caches, ids, SMALL.chunk_size, forward=fixed)
+            stop = (free[stop_at],)
+        new = decode(model64, caches, logits, 8, stop, forward=fixed if ahead else (lambda t: fixed(t)))
+        state = [(c.pos, int(c.pos_d), int(c.start_d), int(c.n_init_d), c.units.count) for c in caches]
+        after = fixed(more)
+        runs.append((new, state, memory_stats(caches), [c.trace for c in caches], after))
+    (new_a, state_a, stats_a, trace_a, after_a), (new_b, state_b, stats_b, trace_b, after_b) = runs
+    assert new_a == new_b
+    assert len(new_a) == 8 if stop_at is None else (new_a == free[:free.index(stop[0])] and len(new_a) <= stop_at)
+    assert state_a == state_b and state_a[0][0] == len(ids) + len(new_a) - (stop_at is None)  # the last token not fed
+    assert stats_a == stats_b and trace_a == trace_b
+    assert torch.equal(after_a, after_b)
+
+
 def test_fixed_shapes_count_warm_up_once(model64):
     """FixedShapes times the first run (and capture) of each kind of forward: a first prompt pays it, a later
     prompt of another length runs the same two kinds (a padded piece, one token) and adds nothing."""
