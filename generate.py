@@ -265,7 +265,7 @@ def synced_clock(device) -> float:
 # and loading its programs), and the eager wavefront reads faster than the compiled one (166K tokens/s against
 # 83K). The steady prefill of a larger model, the one place --compile paid, is now faster eager too (mistral-7b:
 # 20.5-21.0K tokens/s eager, 19.3K compiled before the wavefront lost its barrier); decoding is faster eager
-# (72-75 tokens/s against 68).
+# (77-79 tokens/s against 68, the compiled figure from before decode_ahead).
 COMPILE_ON_GPU = False
 
 
@@ -349,7 +349,8 @@ def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator
 @torch.no_grad()
 def decode(model, caches, logits, max_new_tokens, stop_ids=(), temperature=0.0, top_k=None, seed=None,
            on_token=None, forward=None) -> list[int]:
-    """Generate up to max_new_tokens from the logits that follow the prompt, one token at a time."""
+    """Generate up to max_new_tokens from the logits that follow the prompt, one token at a time (greedy tokens
+    through FixedShapes: decode_ahead, the same tokens without the device waiting for the host)."""
     forward = forward or forward_fn(model, caches)
     if temperature <= 0 and isinstance(forward, FixedShapes):
         return decode_ahead(forward, logits, max_new_tokens, stop_ids, on_token)
@@ -374,7 +375,7 @@ def decode_ahead(forward: FixedShapes, logits, max_new_tokens, stop_ids=(), on_t
     """decode's greedy tokens, without the device ever waiting for the host. Each token is chosen on the device
     and fed from there: the step that reads it is queued before the host has seen it, and the host reads it
     while that step runs. (Waiting for each token and then queuing its step left the GPU idle for the host's
-    part of every token: 0.8 ms of 8.9 for one process's share of mistral-7b; docs/benchmarks.md.) The host
+    part of every token: 0.6 ms of 8.6 for one process's share of mistral-7b; docs/benchmarks.md.) The host
     learns of a stop token after its step was queued, so that step feeds it as padding (no real token, which
     changes nothing a later piece reads) and the host's count takes it back: the caches end as decode's do."""
     dev = logits.device
