@@ -181,6 +181,32 @@ def test_wavefront_on_streams_equals_pieces_in_order(kernel):
     assert stats_a["misses"] > 0
 
 
+def test_greedy_decoding_ahead_from_graphs_equals_decoding_step_by_step():
+    """decode_ahead replayed from CUDA graphs, the step after a stop token fed as padding (its real count set on the
+    GPU): the same tokens as the same graphs driven token by token, and caches that go on alike (positions,
+    statistics, the logits of tokens fed after the answer), with units evicted along the way."""
+    from generate import FixedShapes, decode, prefill
+    model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=4).cuda()
+    ids = torch.randint(0, ARGS.vocab_size, (16 * 12 + 3,), generator=torch.Generator().manual_seed(4)).tolist()
+    more = torch.randint(0, ARGS.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5)).cuda()
+    caches = make_caches(model, "infllm", SMALL, "triton")
+    fixed = FixedShapes(model, caches)
+    free = decode(model, caches, prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=16), 10, forward=fixed)
+    stop = free[4]
+    runs = []
+    for forward in (fixed, lambda t: fixed(t)):  # decode_ahead, then the host choosing each token
+        for c in caches:
+            c.reset()
+        logits = prefill(model, caches, ids, SMALL.chunk_size, forward=fixed, room=16)
+        new = decode(model, caches, logits, 10, (stop,), forward=forward)
+        state = [(c.pos, int(c.pos_d), int(c.start_d), c.units.count) for c in caches]
+        runs.append((new, state, memory_stats(caches), fixed(more).clone()))
+    (new_a, state_a, stats_a, after_a), (new_b, state_b, stats_b, after_b) = runs
+    assert new_a == new_b == free[:free.index(stop)] and state_a == state_b and stats_a == stats_b
+    assert state_a[0][0] == len(ids) + len(new_a) and stats_a["misses"] > 0
+    assert torch.allclose(after_a, after_b, rtol=1e-5, atol=1e-5)
+
+
 def test_wavefront_and_unit_loads_have_streams_of_their_own():
     """Each layer's wavefront stream and unit loader is a CUDA stream of its own. PyTorch hands out streams
     round-robin from a pool of 32 per priority: with the loaders at the same priority as the wavefront, 30
