@@ -25,3 +25,5 @@ for s in "mistral-7b" "mistral-7b max_cached_block=1100" "smollm2-135m"; do set 
 python docs/results/gather_tiles_2026-11-28i.py
 B="scripts/bench.py --graphs --json --decode 64 --kernel triton --repeats 2 --lengths 128K --shape mistral-7b"
 for sp in 4 16 8; do python docs/results/with_gather_split_2026-11-28i.py $sp $B; done
+# call 7 (52d160b)
+timeout 330 python -m pytest -q tests/test_gpu.py -k "ahead or select or unit_scores or wavefront_on_streams or ring_lookup or lookup_options"
