@@ -87,6 +87,27 @@ def test_compiled_processes_generate_what_one_process_does(tiny_ckpt, capsys, tm
     assert got["compiled"] and got["processes"] == 2 and got["prompt_tokens"] == ref["prompt_tokens"]
     assert got["text"] == ref["text"] and got["unit_cache_hit_rate"] == ref["unit_cache_hit_rate"]
 
+@pytest.mark.parametrize("n, which", [(2, "tiny"), (3, "tiny3")])
+def test_decoding_ahead_on_processes_equals_one_process(tiny_ckpt, tiny3_ckpt, n, which):
+    """decode_ahead (each greedy token chosen and fed on the device, a stop token fed as padding and taken back)
+    under tensor parallel, in FixedShapes' pieces as a GPU replays them: every process takes the same tokens and
+    stops at the same one, so the answers, positions and statistics equal one process's."""
+    ckpt = {"tiny": tiny_ckpt, "tiny3": tiny3_ckpt}[which]
+    worker = ROOT / "tests" / "tp_decode_worker.py"
+    args = [str(ckpt), PROMPT, SMALL]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(worker), *args], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert one.returncode == 0, one.stderr
+    many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+                           str(worker), *args], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert many.returncode == 0, many.stderr
+    a, b = json.loads(one.stdout), json.loads(many.stdout)
+    assert a == b
+    assert len(a["free"]) == 8 and a["stopped"] == a["free"][:a["free"].index(a["stop"])]
+    assert a["pos"] == [a["pos_d"][0]] * len(a["pos"])  # the host's count took the stop token back
+    assert a["stats"]["misses"] > 0
+
+
 @needs_ckpt
 def test_smollm2_on_three_processes_and_refused_on_two(capsys):
     args = ["--ckpt", CKPT, "--prompt", PROMPT, "--device", "cpu", "--infllm", SMALL, "--max-new-tokens", 8, "--json"]
