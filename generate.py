@@ -394,11 +394,12 @@ def decode_ahead(forward: FixedShapes, logits, max_new_tokens, stop_ids=(), on_t
             tok = logits[0, -1].argmax().view(1, 1)
         if arrived is not None:
             arrived.synchronize()
-        if int(seen[i]) in stop_ids:
+        t = int(seen[i])
+        if t in stop_ids:
             if fed:
                 forward.take_back(1)
             break
-        out.append(int(seen[i]))
+        out.append(t)
         if on_token is not None:
             on_token(out)
     return out
