@@ -223,8 +223,9 @@ def chunk_attention_triton(q_local, k_local, v_local, mask_local, q_mem, k_mem, 
     its keys split over many programs; a CPU or float64 take the blocked kernel."""
     if not q_local.is_cuda or q_local.dtype == torch.float64:
         return chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
-    out, lse = _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
-    return out, local_column_sums(q_local, k_local, lse, mask_local)
+    out, lse, columns = _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem,
+                                            columns=True)
+    return out, columns if columns is not None else local_column_sums(q_local, k_local, lse, mask_local)
 
 
 def chunk_attention_flex(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
@@ -321,22 +322,30 @@ def _column_sums_cuda(q, k, lse, mask):
 # (SKIP=False): a tile nobody sees is rare there, and the branch that skips it kept Triton from pipelining the
 # loads. Without it, the best of the 40 tile settings that fit took the kernel from 227 to 207 us (mistral-7b)
 # and from 168 to 86 us (SmolLM2) on an H200 (docs/results/attention_tiles_2026-11-28g_h200.txt). A few rows (a
-# decoding step: one query per head of a group) take the smallest tile tl.dot allows, and skip. Fixed, not
-# autotuned: autotuning would cost time in every fresh process.
+# decoding step: one query per head of a group) take the smallest tile tl.dot allows, and no skip either: with
+# the merge below, mistral-7b's step took 19.4 us instead of 20.7, its half under tensor parallel 14.3 instead of
+# 18.1 (docs/results/decode_attention_tiles_2026-11-29_h200.txt). Fixed, not autotuned: autotuning would cost
+# time in every fresh process.
 TWO_PART_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=3, SKIP=False)
-TWO_PART_CONFIG_FEW = dict(BM=16, BN=64, num_warps=4, num_stages=2, SKIP=True)
-# A launch of fewer programs than this splits the keys into up to 32 ranges, one program each, merged after by
-# their log-sum-exps (flash-decoding): a decoding step has one program per key head otherwise, each walking
-# all ~7K keys alone while the rest of the GPU idles. A decoding step aims at twice as many programs: mistral-7b's
-# 8 key heads then take 32 ranges each instead of 16, and its attention 16.7 us instead of 22.8 (range merge 5.2
-# instead of 6.5) on an H200 (docs/benchmarks.md, 2026-11-28); a piece keeps the lower aim, never measured higher.
+TWO_PART_CONFIG_FEW = dict(BM=16, BN=64, num_warps=4, num_stages=3, SKIP=False)
+# A launch of fewer programs than this splits the keys into up to SPLIT_MOST ranges, one program each, merged
+# after by their log-sum-exps (flash-decoding): a decoding step has one program per key head otherwise, each
+# walking all ~7K keys alone while the rest of the GPU idles. A decoding step aims at twice as many programs:
+# mistral-7b's 8 key heads then take 32 ranges each instead of 16, and its attention 16.7 us instead of 22.8
+# (range merge 5.2 instead of 6.5) on an H200 (docs/benchmarks.md, 2026-11-28); a piece keeps the lower aim,
+# never measured higher. 64 ranges were slower at every head count tried (8, 16 and 32 query heads).
 SPLIT_BELOW = 128
 SPLIT_BELOW_FEW = 256
+SPLIT_MOST = 32
+# Rows of the range merge per program. A program reads every range's partial output of its rows: 16 rows of 32
+# ranges are 256 KB for one SM, so a decoding step's few rows take 2 a program (1.3-1.6 us less).
+MERGE_ROWS, MERGE_ROWS_FEW = 16, 2
 
 
-def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
-    """The launch of _two_part_attention_kernel: the output [Hq, T, D] in the input dtype and the natural-log
-    log-sum-exp over both parts [Hq, T] fp32 (-inf for a query that sees no key, whose output is 0). A program
+def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem, columns=False):
+    """The launch of _two_part_attention_kernel: the output [Hq, T, D] in the input dtype, the natural-log
+    log-sum-exp over both parts [Hq, T] fp32 (-inf for a query that sees no key, whose output is 0), and with
+    columns=True the local column sums [Hq, L] fp32 where the kernel can give them (else None). A program
     takes BM rows of one key head's group (its query heads' queries, so each key is read once for all of
     them) and one range of its keys. Sizes only from shapes, no host sync: it replays in CUDA graphs."""
     (Hq, T, D), (Hkv, L), M = q_local.shape, k_local.shape[:2], k_mem.shape[1]
@@ -345,22 +354,32 @@ def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_m
     config = TWO_PART_CONFIG_FEW if few else TWO_PART_CONFIG
     BN = config["BN"]
     blocks = -(-G * T // config["BM"])
-    split = max(1, min(32, (SPLIT_BELOW_FEW if few else SPLIT_BELOW) // max(1, blocks * Hkv)))
+    split = max(1, min(SPLIT_MOST, (SPLIT_BELOW_FEW if few else SPLIT_BELOW) // max(1, blocks * Hkv)))
     step = lambda n: -(-n // (split * BN)) * BN  # keys of a part per range, whole tiles  # noqa: E731
-    out = torch.empty(Hq, T, D, dtype=q_local.dtype, device=q_local.device)
-    lse = torch.empty(Hq, T, dtype=torch.float32, device=q_local.device)
     f32 = dict(dtype=torch.float32, device=q_local.device)  # each range's running max, sum and output
+    out = torch.empty(Hq, T, D, dtype=q_local.dtype, device=q_local.device)
+    lse = torch.empty(Hq, T, **f32)
     part = (torch.empty(split, Hq, T, **f32), torch.empty(split, Hq, T, **f32),
             torch.empty(split, Hq, T, D, **f32)) if split > 1 else (lse, lse, out)
+    # A decoding step's column sums come with the merge: the kernel keeps the local logits it computes (a few
+    # queries' worth), and the merge turns them into probabilities once it knows each query's log-sum-exp.
+    # That replaces local_column_sums, which computes every logit again (10-16 us a layer on an H200).
+    keep = columns and few and split > 1
+    logits = torch.empty(Hq, T, L, **f32) if keep else lse
     args = (x.contiguous() for x in (q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem))
     BD = max(16, 1 << (D - 1).bit_length())
     _two_part_attention_kernel[(blocks, Hkv, split)](
-        *args, out, lse, *part, T, L, M, D, G, step(L), step(M),
-        SCALE_LOG2=1.4426950408889634 / math.sqrt(D), BD=BD, SPLIT=split,
+        *args, out, lse, *part, logits, T, L, M, D, G, step(L), step(M),
+        SCALE_LOG2=1.4426950408889634 / math.sqrt(D), BD=BD, SPLIT=split, KEEP=keep,
         PRECISION="ieee" if q_local.dtype == torch.float32 else "tf32", **config)
-    if split > 1:
-        _merge_ranges_kernel[(-(-Hq * T // 16),)](*part, out, lse, Hq * T, D, SPLIT=split, BR=16, BD=BD)
-    return out, lse
+    if split == 1:
+        return out, lse, None
+    cols = torch.empty(Hq, L, **f32) if keep else lse
+    BR, BK = MERGE_ROWS_FEW if few else MERGE_ROWS, 512
+    merges = -(-Hq * T // BR)
+    _merge_ranges_kernel[(merges + (Hq * -(-L // BK) if keep else 0),)](
+        *part, out, lse, logits, cols, Hq * T, D, T, L, merges, SPLIT=split, BR=BR, BD=BD, BK=BK)
+    return out, lse, cols if keep else None
 
 
 def rope_angles(pos, inv_freq, dtype):
@@ -383,7 +402,7 @@ def piece_angles(pos_d, n, P, inv_freq, dtype):
     half = inv_freq.shape[0]
     cos = torch.empty(P, 2 * half, dtype=dtype, device=dev)
     sin = torch.empty_like(cos)
-    BT = 32  # positions per program
+    BT = min(32, max(2, triton.next_power_of_2(P)))  # positions per program (a decoding step's 1: 2 rows, not 32)
     _piece_angles_kernel[(-(-P // BT),)](pos_d, n, at, real, inv_freq, cos, sin, P, half, BT=BT,
                                          BH=triton.next_power_of_2(half))
     return at, real, (cos, sin)
@@ -396,7 +415,7 @@ def rotate(x, cos, sin):
     H, T, D = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(H, T, D, dtype=x.dtype, device=x.device)
-    BT = 32  # positions per program
+    BT = min(32, max(2, triton.next_power_of_2(T)))  # positions per program
     row = cos.stride(0) if cos.shape[0] > 1 else 0  # one position for every query (memory's): broadcast
     _rotate_kernel[(H, -(-T // BT))](x, cos, sin, out, T, D // 2, x.stride(0), x.stride(1), row, BT=BT,
                                      BH=triton.next_power_of_2(D // 2))
@@ -738,26 +757,35 @@ if triton is not None:
         tl.store(out + h * L + i, tl.sum(acc, axis=0), mask=i < L)
 
     @triton.jit
-    def _attend_keys(query, k, v, mask, n, lo, span, t, ok, d, D, m_i, l_i, acc, SCALE_LOG2: tl.constexpr,
-                     BN: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr):
+    def _attend_keys(query, k, v, mask, n, lo, span, t, ok, d, D, m_i, l_i, acc, logits, SCALE_LOG2: tl.constexpr,
+                     BN: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, KEEP: tl.constexpr):
         """Adds the keys [lo, lo + span) of a part (k, v: one key head's [n, D], mask [T, n]; span a whole number
         of tiles) to the online softmax of the rows ok whose queries are t: running max m_i and sum l_i of the
         logits in log2 units, output acc not yet divided by l_i. SKIP: a tile nobody sees is not computed, but
-        the branch keeps Triton from pipelining the tiles' loads."""
+        the branch keeps Triton from pipelining the tiles' loads. KEEP: each row's logits (-inf where unseen)
+        are also stored at its pointer in logits [BM] (n a row)."""
         for start in range(0, span, BN):
             i = lo + start + tl.arange(0, BN)
-            seen = tl.load(mask + t[:, None] * n + i[None, :], mask=ok[:, None] & (i[None, :] < n), other=False)
+            inside = ok[:, None] & (i[None, :] < n)
+            seen = tl.load(mask + t[:, None] * n + i[None, :], mask=inside, other=False)
             if SKIP:
                 if tl.max(seen.to(tl.int32)) > 0:  # masks are arbitrary (a ring buffer)
-                    m_i, l_i, acc = _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2, PRECISION)
+                    m_i, l_i, acc, s = _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2, PRECISION)
+                    if KEEP:
+                        tl.store(logits[:, None] + i[None, :], s, mask=inside)
+                elif KEEP:
+                    tl.store(logits[:, None] + i[None, :], tl.where(seen, 0.0, float("-inf")), mask=inside)  # all -inf
             else:
-                m_i, l_i, acc = _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2, PRECISION)
+                m_i, l_i, acc, s = _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2, PRECISION)
+                if KEEP:
+                    tl.store(logits[:, None] + i[None, :], s, mask=inside)
         return m_i, l_i, acc
 
     @triton.jit
     def _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2: tl.constexpr, PRECISION: tl.constexpr):
-        """One tile of keys i in the online softmax. A tile nobody sees changes nothing: its p are all 0 (every
-        key slot a part can hold is written or zero, so 0 * value is 0)."""
+        """One tile of keys i in the online softmax; also returns its logits (log2 units, -inf where unseen). A
+        tile nobody sees changes nothing: its p are all 0 (every key slot a part can hold is written or zero, so
+        0 * value is 0)."""
         rows = (i[:, None] < n) & (d[None, :] < D)
         key = tl.load(k + i[:, None] * D + d[None, :], mask=rows, other=0.0)
         s = tl.dot(query, tl.trans(key), input_precision=PRECISION) * SCALE_LOG2
@@ -769,17 +797,18 @@ if triton is not None:
         value = tl.load(v + i[:, None] * D + d[None, :], mask=rows, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(value.dtype), value, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        return m_new, l_i, acc
+        return m_new, l_i, acc, s
 
     @triton.jit
     def _two_part_attention_kernel(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem, out, lse,
-                                   part_m, part_l, part_acc, T, L, M, D, G, STEP_L, STEP_M,
+                                   part_m, part_l, part_acc, logits, T, L, M, D, G, STEP_L, STEP_M,
                                    SCALE_LOG2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                                   SPLIT: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr):
+                                   SPLIT: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, KEEP: tl.constexpr):
         """For BM rows of key head hk's group (row r: query head hk * G + r // T, query r % T) and key range j:
         the local keys, then the memory keys, in one online softmax (exp2, the scale folded into log2 units),
         each part dotted with its own queries. One range (SPLIT = 1): out and lse. Several: each range's
-        running max, sum and unnormalised output, for _merge_ranges_kernel."""
+        running max, sum and unnormalised output, for _merge_ranges_kernel. KEEP: the local logits too, in
+        logits [Hq, T, L] (log2 units)."""
         rb, hk, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         r = rb * BM + tl.arange(0, BM)
         ok = r < G * T
@@ -791,12 +820,12 @@ if triton is not None:
         acc = tl.zeros([BM, BD], dtype=tl.float32)
         query = tl.load(q_local + at, mask=inside, other=0.0)
         m_i, l_i, acc = _attend_keys(query, k_local + hk * L * D, v_local + hk * L * D, mask_local, L, j * STEP_L,
-                                     STEP_L, t, ok, d, D, m_i, l_i, acc, SCALE_LOG2, BN,
-                                     PRECISION, SKIP)
+                                     STEP_L, t, ok, d, D, m_i, l_i, acc, logits + (h * T + t) * L, SCALE_LOG2, BN,
+                                     PRECISION, SKIP, KEEP)
         query = tl.load(q_mem + at, mask=inside, other=0.0)
         m_i, l_i, acc = _attend_keys(query, k_mem + hk * M * D, v_mem + hk * M * D, mask_mem, M, j * STEP_M,
-                                     STEP_M, t, ok, d, D, m_i, l_i, acc, SCALE_LOG2, BN,
-                                     PRECISION, SKIP)
+                                     STEP_M, t, ok, d, D, m_i, l_i, acc, logits, SCALE_LOG2, BN,
+                                     PRECISION, SKIP, False)
         if SPLIT == 1:
             # A query that saw nothing has l_i = 0: output 0 and lse -inf (log2(0) = -inf), no NaN.
             tl.store(out + at, (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty), mask=inside)
@@ -808,25 +837,49 @@ if triton is not None:
             tl.store(part_acc + j * HT * D + at, acc, mask=inside)
 
     @triton.jit
-    def _merge_ranges_kernel(part_m, part_l, part_acc, out, lse, R, D, SPLIT: tl.constexpr, BR: tl.constexpr,
-                             BD: tl.constexpr):
-        """out and lse of BR rows (of all R = Hq * T) from the SPLIT key ranges' partial softmaxes."""
-        r = tl.program_id(0) * BR + tl.arange(0, BR)
-        d = tl.arange(0, BD)
-        ok, inside = r < R, (r[:, None] < R) & (d[None, :] < D)
-        m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    def _ranges_total(part_m, part_l, r, ok, R, SPLIT: tl.constexpr):
+        """Rows r's softmax over all SPLIT key ranges: its max m (log2 units), m_use (0 where no range saw a key,
+        so that every weight is 0 there) and sum l."""
+        m = tl.full(r.shape, float("-inf"), dtype=tl.float32)
         for j in tl.static_range(SPLIT):
             m = tl.maximum(m, tl.load(part_m + j * R + r, mask=ok, other=float("-inf")))
-        m_use = tl.where(m == float("-inf"), 0.0, m)  # no range saw a key: every weight below is 0
-        l_i = tl.zeros([BR], dtype=tl.float32)
-        acc = tl.zeros([BR, BD], dtype=tl.float32)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        l_i = tl.zeros(r.shape, dtype=tl.float32)
         for j in tl.static_range(SPLIT):
-            w = tl.exp2(tl.load(part_m + j * R + r, mask=ok, other=float("-inf")) - m_use)
-            l_i += w * tl.load(part_l + j * R + r, mask=ok, other=0.0)
-            acc += w[:, None] * tl.load(part_acc + j * R * D + r[:, None] * D + d[None, :], mask=inside, other=0.0)
-        tl.store(out + r[:, None] * D + d[None, :], (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty),
-                 mask=inside)
-        tl.store(lse + r, (m + tl.log2(l_i)) * 0.6931471805599453, mask=ok)
+            l_i += tl.exp2(tl.load(part_m + j * R + r, mask=ok, other=float("-inf")) - m_use) * \
+                tl.load(part_l + j * R + r, mask=ok, other=0.0)
+        return m, m_use, l_i
+
+    @triton.jit(do_not_specialize=["T"])
+    def _merge_ranges_kernel(part_m, part_l, part_acc, out, lse, logits, cols, R, D, T, L, MERGES, SPLIT: tl.constexpr,
+                             BR: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr):
+        """The first MERGES programs: out and lse of BR rows each (of all R = Hq * T) from the SPLIT key ranges'
+        partial softmaxes. Any after them: the local column sums cols [Hq, L] of BK keys of one query head from
+        the kept logits [Hq, T, L], each query's probabilities summed."""
+        pid = tl.program_id(0)
+        if pid < MERGES:
+            r = pid * BR + tl.arange(0, BR)
+            d = tl.arange(0, BD)
+            ok, inside = r < R, (r[:, None] < R) & (d[None, :] < D)
+            m, m_use, l_i = _ranges_total(part_m, part_l, r, ok, R, SPLIT)
+            acc = tl.zeros([BR, BD], dtype=tl.float32)
+            for j in tl.static_range(SPLIT):
+                w = tl.exp2(tl.load(part_m + j * R + r, mask=ok, other=float("-inf")) - m_use)
+                acc += w[:, None] * tl.load(part_acc + j * R * D + r[:, None] * D + d[None, :], mask=inside, other=0.0)
+            tl.store(out + r[:, None] * D + d[None, :],
+                     (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty), mask=inside)
+            tl.store(lse + r, (m + tl.log2(l_i)) * 0.6931471805599453, mask=ok)
+        else:
+            blocks = tl.cdiv(L, BK)
+            h, i = (pid - MERGES) // blocks, ((pid - MERGES) % blocks) * BK + tl.arange(0, BK)
+            col = tl.zeros([BK], dtype=tl.float32)
+            for t in range(T):
+                r = h * T + t + tl.zeros([BK], dtype=tl.int32)  # one row, as wide as the keys
+                m, m_use, l_i = _ranges_total(part_m, part_l, r, r < R, R, SPLIT)
+                s = tl.load(logits + (h * T + t) * L + i, mask=i < L, other=float("-inf"))
+                # A query that saw no key (l = 0) adds nothing; elsewhere an unseen key's -inf gives 0.
+                col += tl.where(l_i > 0, tl.exp2(s - (m + tl.log2(l_i))), 0.0)
+            tl.store(cols + h * L + i, col, mask=i < L)
 
     @triton.jit(do_not_specialize=["T"])
     def _rope_angles_kernel(pos, inv_freq, cos, sin, T, HALF, BT: tl.constexpr, BH: tl.constexpr):

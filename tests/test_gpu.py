@@ -488,10 +488,13 @@ def test_fused_eager_attention_equals_plain(shape, pos, held, padding, seed):
 
 
 # Beside FLEX_SHAPES, the kernel's own cases: decoding steps of SmolLM2 and mistral-7b (keys split into ranges,
-# merged after) and a mistral-7b piece (one range).
+# merged after, the column sums from the kept logits), a mistral-7b piece (one range), and pieces of a few
+# queries that split and keep logits too (the merge sums each key's probabilities over queries).
 TRITON_SHAPES = FLEX_SHAPES + [dict(n_kv=3, group=3, T=1, N=4096, units=16, D=64),
                                dict(n_kv=8, group=4, T=1, N=4096, units=16, D=128),
-                               dict(n_kv=8, group=4, T=512, N=1024, units=2, D=128)]
+                               dict(n_kv=8, group=4, T=512, N=1024, units=2, D=128),
+                               dict(n_kv=2, group=4, T=4, N=300, units=2, D=64),
+                               dict(n_kv=4, group=1, T=13, N=700, units=3, D=128)]
 
 
 @pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: f"T{s['T']}-N{s['N']}-D{s['D']}-G{s['group']}-H{s['n_kv']}")
@@ -512,7 +515,7 @@ def test_triton_attention_equals_plain(shape, pos, held, padding, seed):
     assert out.dtype == torch.bfloat16 and not out[:, ~real].any()
     assert torch.allclose(out.double(), ref_out, atol=2e-2, rtol=2e-2)
     assert torch.allclose(col.double(), ref_col.double(), atol=2e-3, rtol=2e-3)
-    _, lse = kernels._two_part_attention(*args)
+    _, lse, _ = kernels._two_part_attention(*args)
     ref_lse = torch.logaddexp(kernels.part_attention(*double[:4])[1], kernels.part_attention(*double[4:])[1])
     assert torch.equal(lse.isneginf(), ref_lse.isneginf()) and lse[:, ~real].isneginf().all()
     assert torch.allclose(lse[:, real].double(), ref_lse[:, real], atol=1e-3, rtol=1e-3)
