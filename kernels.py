@@ -8,7 +8,7 @@ key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
 The fast paths: chunk_attention_blocked (CPU), chunk_attention_triton (a prefill piece or a decoding step on an
 eager GPU; chunk_attention_fused before it, kept for comparison), and on a GPU under torch.compile the
 FlexAttention pair flex_local_part / flex_memory_part; the GPU paths take their local column sums from the Triton
-local_column_sums. Then the rest of an eager GPU's piece step, each the Triton twin of PyTorch lines that stay
+local_column_sums (the Triton kernel's decoding step from its own range merge). Then the rest of an eager GPU's piece step, each the Triton twin of PyTorch lines that stay
 beside its call in model.py and infllm.py as the specification: rotary angles and rotations (rope_angles, rotate,
 and piece_angles with a piece's positions), rms_norm (with the residual sum before it), the MLP's silu_mul, the LRU
 (lru_fetch), the lookup's scores and selection (unit_scores, select_top), the ring writes and local mask (ring_write,
@@ -216,9 +216,10 @@ def chunk_attention_fused(q_local, k_local, v_local, mask_local, q_mem, k_mem, v
 def chunk_attention_triton(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
     """chunk_attention for the eager GPU path as one Triton kernel (_two_part_attention_kernel): flash attention
     over the local keys, then the memory keys, in one online softmax, each part scored with its own queries.
-    Unlike chunk_attention_fused it copies no keys or values per query head, builds no additive mask, and
-    skips a tile of keys that no query of a block sees after reading its mask. The local column sums come
-    from local_column_sums with the kernel's log-sum-exp. Same results as chunk_attention up to the rounding
+    Unlike chunk_attention_fused it copies no keys or values per query head and builds no additive mask (it
+    reads the boolean mask tile by tile). The local column sums come
+    from local_column_sums with the kernel's log-sum-exp, or for a few queries (a decoding step) from the
+    logits the kernel kept, in its range merge. Same results as chunk_attention up to the rounding
     of the probabilities to the input dtype (bf16) before they weigh the values. A decoding step takes it too,
     its keys split over many programs; a CPU or float64 take the blocked kernel."""
     if not q_local.is_cuda or q_local.dtype == torch.float64:
@@ -318,16 +319,16 @@ def _column_sums_cuda(q, k, lse, mask):
     return out
 
 
-# Tiles of the two-part attention, BM rows (query head, query) x BN keys. A prefill piece computes every tile
-# (SKIP=False): a tile nobody sees is rare there, and the branch that skips it kept Triton from pipelining the
-# loads. Without it, the best of the 40 tile settings that fit took the kernel from 227 to 207 us (mistral-7b)
-# and from 168 to 86 us (SmolLM2) on an H200 (docs/results/attention_tiles_2026-11-28g_h200.txt). A few rows (a
-# decoding step: one query per head of a group) take the smallest tile tl.dot allows, and no skip either: with
-# the merge below, mistral-7b's step took 19.4 us instead of 20.7, its half under tensor parallel 14.3 instead of
-# 18.1 (docs/results/decode_attention_tiles_2026-11-29_h200.txt). Fixed, not autotuned: autotuning would cost
-# time in every fresh process.
-TWO_PART_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=3, SKIP=False)
-TWO_PART_CONFIG_FEW = dict(BM=16, BN=64, num_warps=4, num_stages=3, SKIP=False)
+# Tiles of the two-part attention, BM rows (query head, query) x BN keys, fixed, not autotuned: autotuning would
+# cost time in every fresh process. Every tile is computed, also one no query of the block sees: a branch that
+# skipped those kept Triton from pipelining the loads. Without it, the best of the 40 tile settings that fit took
+# a prefill piece from 227 to 207 us (mistral-7b) and from 168 to 86 us (SmolLM2) on an H200
+# (docs/results/attention_tiles_2026-11-28g_h200.txt). A few rows (a decoding step: one query per head of a group)
+# take the smallest tile tl.dot allows: without the skip, and with the merge below, mistral-7b's step took 19.4 us
+# instead of 20.7, its half under tensor parallel 14.3 instead of 18.1
+# (docs/results/decode_attention_tiles_2026-11-29_h200.txt).
+TWO_PART_CONFIG = dict(BM=128, BN=64, num_warps=8, num_stages=3)
+TWO_PART_CONFIG_FEW = dict(BM=16, BN=64, num_warps=4, num_stages=3)
 # A launch of fewer programs than this splits the keys into up to SPLIT_MOST ranges, one program each, merged
 # after by their log-sum-exps (flash-decoding): a decoding step has one program per key head otherwise, each
 # walking all ~7K keys alone while the rest of the GPU idles. A decoding step aims at twice as many programs:
@@ -338,7 +339,8 @@ SPLIT_BELOW = 128
 SPLIT_BELOW_FEW = 256
 SPLIT_MOST = 32
 # Rows of the range merge per program. A program reads every range's partial output of its rows: 16 rows of 32
-# ranges are 256 KB for one SM, so a decoding step's few rows take 2 a program (1.3-1.6 us less).
+# ranges are 256 KB for one SM, so a decoding step's few rows take 2 a program (1.2-1.6 us less at 8 and 16
+# query heads, the same at 32).
 MERGE_ROWS, MERGE_ROWS_FEW = 16, 2
 
 
@@ -758,27 +760,19 @@ if triton is not None:
 
     @triton.jit
     def _attend_keys(query, k, v, mask, n, lo, span, t, ok, d, D, m_i, l_i, acc, logits, SCALE_LOG2: tl.constexpr,
-                     BN: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, KEEP: tl.constexpr):
+                     BN: tl.constexpr, PRECISION: tl.constexpr, KEEP: tl.constexpr):
         """Adds the keys [lo, lo + span) of a part (k, v: one key head's [n, D], mask [T, n]; span a whole number
         of tiles) to the online softmax of the rows ok whose queries are t: running max m_i and sum l_i of the
-        logits in log2 units, output acc not yet divided by l_i. SKIP: a tile nobody sees is not computed, but
-        the branch keeps Triton from pipelining the tiles' loads. KEEP: each row's logits (-inf where unseen)
-        are also stored at its pointer in logits [BM] (n a row)."""
+        logits in log2 units, output acc not yet divided by l_i. Every tile is computed, also one nobody sees: a
+        branch that skipped those kept Triton from pipelining the tiles' loads. KEEP: each row's logits (-inf
+        where unseen) are also stored at its pointer in logits [BM] (n a row)."""
         for start in range(0, span, BN):
             i = lo + start + tl.arange(0, BN)
             inside = ok[:, None] & (i[None, :] < n)
             seen = tl.load(mask + t[:, None] * n + i[None, :], mask=inside, other=False)
-            if SKIP:
-                if tl.max(seen.to(tl.int32)) > 0:  # masks are arbitrary (a ring buffer)
-                    m_i, l_i, acc, s = _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2, PRECISION)
-                    if KEEP:
-                        tl.store(logits[:, None] + i[None, :], s, mask=inside)
-                elif KEEP:
-                    tl.store(logits[:, None] + i[None, :], tl.where(seen, 0.0, float("-inf")), mask=inside)  # all -inf
-            else:
-                m_i, l_i, acc, s = _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2, PRECISION)
-                if KEEP:
-                    tl.store(logits[:, None] + i[None, :], s, mask=inside)
+            m_i, l_i, acc, s = _attend_tile(query, k, v, seen, i, n, d, D, m_i, l_i, acc, SCALE_LOG2, PRECISION)
+            if KEEP:
+                tl.store(logits[:, None] + i[None, :], s, mask=inside)
         return m_i, l_i, acc
 
     @triton.jit
@@ -803,7 +797,7 @@ if triton is not None:
     def _two_part_attention_kernel(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem, out, lse,
                                    part_m, part_l, part_acc, logits, T, L, M, D, G, STEP_L, STEP_M,
                                    SCALE_LOG2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                                   SPLIT: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, KEEP: tl.constexpr):
+                                   SPLIT: tl.constexpr, PRECISION: tl.constexpr, KEEP: tl.constexpr):
         """For BM rows of key head hk's group (row r: query head hk * G + r // T, query r % T) and key range j:
         the local keys, then the memory keys, in one online softmax (exp2, the scale folded into log2 units),
         each part dotted with its own queries. One range (SPLIT = 1): out and lse. Several: each range's
@@ -821,11 +815,11 @@ if triton is not None:
         query = tl.load(q_local + at, mask=inside, other=0.0)
         m_i, l_i, acc = _attend_keys(query, k_local + hk * L * D, v_local + hk * L * D, mask_local, L, j * STEP_L,
                                      STEP_L, t, ok, d, D, m_i, l_i, acc, logits + (h * T + t) * L, SCALE_LOG2, BN,
-                                     PRECISION, SKIP, KEEP)
+                                     PRECISION, KEEP)
         query = tl.load(q_mem + at, mask=inside, other=0.0)
         m_i, l_i, acc = _attend_keys(query, k_mem + hk * M * D, v_mem + hk * M * D, mask_mem, M, j * STEP_M,
                                      STEP_M, t, ok, d, D, m_i, l_i, acc, logits, SCALE_LOG2, BN,
-                                     PRECISION, SKIP, False)
+                                     PRECISION, False)
         if SPLIT == 1:
             # A query that saw nothing has l_i = 0: output 0 and lse -inf (log2(0) = -inf), no NaN.
             tl.store(out + at, (acc * tl.where(l_i > 0, 1.0 / l_i, 0.0)[:, None]).to(out.dtype.element_ty), mask=inside)

@@ -501,9 +501,9 @@ TRITON_SHAPES = FLEX_SHAPES + [dict(n_kv=3, group=3, T=1, N=4096, units=16, D=64
 @settings(max_examples=3, deadline=None)
 @given(st.integers(0, 2000), st.integers(0, 128), st.integers(0, 20), st.integers(0, 2**16))
 def test_triton_attention_equals_plain(shape, pos, held, padding, seed):
-    """The Triton kernel (both parts in one online softmax; a piece computes the key tiles nobody sees, a
-    decoding step skips them; with few queries the keys split into ranges, 32 a key head for mistral-7b's
-    decoding step, whose partial softmaxes are merged) against the float64 plain path, padding queries as
+    """The Triton kernel (both parts in one online softmax, every key tile computed; with few queries the keys
+    split into ranges, 32 a key head for mistral-7b's decoding step, whose partial softmaxes are merged, and the
+    column sums come from the logits the kernel kept) against the float64 plain path, padding queries as
     above; and its log-sum-exp, -inf where a query sees nothing."""
     import kernels
     args = list(window_case(dict(shape, pos=pos, held=held, seed=seed), dtype=torch.bfloat16, device="cuda", D=shape["D"]))

@@ -1,6 +1,7 @@
 """A decoding step's attention with its column sums (kernels.chunk_attention_triton) at mistral-7b's shapes (32 query
 heads; 16, one process's half under tensor parallel; 8, a quarter), for the most key ranges (SPLIT_MOST) and the rows
-per merge program (MERGE_ROWS_FEW), and a few tile settings: us a call from a CUDA graph of 200 calls. Run in the tree to measure."""
+per merge program (MERGE_ROWS_FEW), and a few tile settings: us a call from a CUDA graph of 200 calls. Run in the tree to measure;
+it ran on the tree of e6740c1, whose attention kernel still had its SKIP option."""
 import sys, torch
 sys.path.insert(0, ".")
 import kernels
