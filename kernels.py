@@ -358,11 +358,11 @@ def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_m
     blocks = -(-G * T // config["BM"])
     split = max(1, min(SPLIT_MOST, (SPLIT_BELOW_FEW if few else SPLIT_BELOW) // max(1, blocks * Hkv)))
     step = lambda n: -(-n // (split * BN)) * BN  # keys of a part per range, whole tiles  # noqa: E731
-    f32 = dict(dtype=torch.float32, device=q_local.device)  # each range's running max, sum and output
+    f32 = dict(dtype=torch.float32, device=q_local.device)
     out = torch.empty(Hq, T, D, dtype=q_local.dtype, device=q_local.device)
     lse = torch.empty(Hq, T, **f32)
-    part = (torch.empty(split, Hq, T, **f32), torch.empty(split, Hq, T, **f32),
-            torch.empty(split, Hq, T, D, **f32)) if split > 1 else (lse, lse, out)
+    part = (torch.empty(split, Hq, T, **f32), torch.empty(split, Hq, T, **f32),  # each range's running max, sum
+            torch.empty(split, Hq, T, D, **f32)) if split > 1 else (lse, lse, out)  # and output
     # A decoding step's column sums come with the merge: the kernel keeps the local logits it computes (a few
     # queries' worth), and the merge turns them into probabilities once it knows each query's log-sum-exp.
     # That replaces local_column_sums, which computes every logit again (10-16 us a layer on an H200).
