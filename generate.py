@@ -265,7 +265,7 @@ def synced_clock(device) -> float:
 # and loading its programs), and the eager wavefront reads faster than the compiled one (166K tokens/s against
 # 83K). The steady prefill of a larger model, the one place --compile paid, is now faster eager too (mistral-7b:
 # 20.5-21.0K tokens/s eager, 19.3K compiled before the wavefront lost its barrier); decoding is faster eager
-# (77-79 tokens/s against 68, the compiled figure from before decode_ahead).
+# (80-85 tokens/s against 68, the compiled figure from before decode_ahead).
 COMPILE_ON_GPU = False
 
 

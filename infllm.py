@@ -614,8 +614,8 @@ class ContextMemory:
         """One piece of P queries [Hq, P, D], the first n (a device count) real: attend, then update the
         memory. Device work only, of one shape for every piece: it reads no host counter. Returns the
         output and the selected units (-1 where none, and all -1 without units). A piece with no real
-        token (n = 0) changes nothing a later piece reads: it writes only ring
-        slots it marks empty, selects and loads no unit, and retires nothing (only the LRU clock ticks)."""
+        token (n = 0) changes nothing a later piece reads: it writes only ring slots it marks empty,
+        selects and loads no unit, and retires nothing (only the LRU clock ticks)."""
         P, N, R, dev = q.shape[1], self.cfg.n_local, self.ring, q.device
         if self.fused:  # the four lines below in one kernel (kernels.piece_angles)
             at, real, at_angles = kernels.piece_angles(self.pos_d, n, P, self.rope.inv_freq, k.dtype)

@@ -8,12 +8,13 @@ key head h // (Hq / Hkv)), masks [T, L] with True where a query may see a key.
 The fast paths: chunk_attention_blocked (CPU), chunk_attention_triton (a prefill piece or a decoding step on an
 eager GPU; chunk_attention_fused before it, kept for comparison), and on a GPU under torch.compile the
 FlexAttention pair flex_local_part / flex_memory_part; the GPU paths take their local column sums from the Triton
-local_column_sums (the Triton kernel's decoding step from its own range merge). Then the rest of an eager GPU's piece step, each the Triton twin of PyTorch lines that stay
-beside its call in model.py and infllm.py as the specification: rotary angles and rotations (rope_angles, rotate,
-and piece_angles with a piece's positions), rms_norm (with the residual sum before it), the MLP's silu_mul, the LRU
-(lru_fetch), the lookup's scores and selection (unit_scores, select_top), the ring writes and local mask (ring_write,
-window_mask), the memory part (memory_part) and retirement (retire). Last, the page-locked host storage, and at the
-end the Triton kernels and the copies between pinned host memory and the GPU that ContextMemory's unit storage uses.
+local_column_sums (the Triton kernel's decoding step from its own range merge). Then the rest of an eager GPU's
+piece step, each the Triton twin of PyTorch lines that stay beside its call in model.py and infllm.py as the
+specification: rotary angles and rotations (rope_angles, rotate, and piece_angles with a piece's positions),
+rms_norm (with the residual sum before it), the MLP's silu_mul, the LRU (lru_fetch), the lookup's scores and
+selection (unit_scores, select_top), the ring writes and local mask (ring_write, window_mask), the memory part
+(memory_part) and retirement (retire). Last, the page-locked host storage, and at the end the Triton kernels and
+the copies between pinned host memory and the GPU that ContextMemory's unit storage uses.
 """
 import functools
 import math
@@ -224,8 +225,7 @@ def chunk_attention_triton(q_local, k_local, v_local, mask_local, q_mem, k_mem, 
     its keys split over many programs; a CPU or float64 take the blocked kernel."""
     if not q_local.is_cuda or q_local.dtype == torch.float64:
         return chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
-    out, lse, columns = _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem,
-                                            columns=True)
+    out, lse, columns = _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
     return out, columns if columns is not None else local_column_sums(q_local, k_local, lse, mask_local)
 
 
@@ -344,10 +344,10 @@ SPLIT_MOST = 32
 MERGE_ROWS, MERGE_ROWS_FEW = 16, 2
 
 
-def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem, columns=False):
+def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem):
     """The launch of _two_part_attention_kernel: the output [Hq, T, D] in the input dtype, the natural-log
-    log-sum-exp over both parts [Hq, T] fp32 (-inf for a query that sees no key, whose output is 0), and with
-    columns=True the local column sums [Hq, L] fp32 where the kernel can give them (else None). A program
+    log-sum-exp over both parts [Hq, T] fp32 (-inf for a query that sees no key, whose output is 0), and the
+    local column sums [Hq, L] fp32 for a few queries split into ranges (a decoding step; else None). A program
     takes BM rows of one key head's group (its query heads' queries, so each key is read once for all of
     them) and one range of its keys. Sizes only from shapes, no host sync: it replays in CUDA graphs."""
     (Hq, T, D), (Hkv, L), M = q_local.shape, k_local.shape[:2], k_mem.shape[1]
@@ -366,7 +366,7 @@ def _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_m
     # A decoding step's column sums come with the merge: the kernel keeps the local logits it computes (a few
     # queries' worth), and the merge turns them into probabilities once it knows each query's log-sum-exp.
     # That replaces local_column_sums, which computes every logit again (10-16 us a layer on an H200).
-    keep = columns and few and split > 1
+    keep = few and split > 1
     logits = torch.empty(Hq, T, L, **f32) if keep else lse
     args = (x.contiguous() for x in (q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem))
     BD = max(16, 1 << (D - 1).bit_length())
