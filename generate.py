@@ -13,6 +13,7 @@ import time
 STARTED = time.time()  # the process's start, near enough: before torch is imported
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from infllm import (ContextMemory, InfLLMConfig, SnapshotError, load_memory, make_caches, memory_plan, memory_stats,
-                    read_snapshot_header, save_memory)
+                    place_units, read_snapshot_header, save_memory)
 from model import DTYPES, CheckpointError, checkpoint_fingerprint, load_model
 from tokenizer import TokenizerError, chat_prompt, load_tokenizer
 
@@ -260,12 +261,12 @@ def synced_clock(device) -> float:
     return time.perf_counter()
 
 
-# Not by default: on an H200 (docs/benchmarks.md, 2026-11-28) a fresh eager process answers SmolLM2 prompts
-# of 128K and 983K tokens in 7 and 14 s, a compiled one with a warm compile cache in 29 and 50 s (tracing
+# Not by default: on an H200 (docs/benchmarks.md, 2026-11-28 and 29) a fresh eager process answers SmolLM2
+# prompts of 128K and 983K tokens in 7 and 14 s, a compiled one with a warm compile cache in 29 and 50 s (tracing
 # and loading its programs), and the eager wavefront reads faster than the compiled one (166K tokens/s against
 # 83K). The steady prefill of a larger model, the one place --compile paid, is now faster eager too (mistral-7b:
-# 20.5-21.0K tokens/s eager, 19.3K compiled before the wavefront lost its barrier); decoding is faster eager
-# (80-85 tokens/s against 68, the compiled figure from before decode_ahead).
+# 22.2-22.5K tokens/s eager, 19.3K compiled before the wavefront lost its barrier); decoding is faster eager
+# (131-146 tokens/s against 68, the compiled figure from before decode_ahead and the units in GPU memory).
 COMPILE_ON_GPU = False
 
 
@@ -477,6 +478,7 @@ class Reader:
         self.forward = forward_fn(self.model, self.caches, graphs=cuda and attention != "full")
         self.budget = {"host": host_memory, "GPU": gpu_memory}  # bytes the caches may take; None: what is free
         self.reserved = 0  # tokens the caches have room for
+        self.units_on_gpu = self.cfg.unit_storage == "device"  # unit_storage=auto: decided by the first plan
         self.mark = None  # the memory after the document
         self.figures = {}  # of the last read or question: tokens, seconds
 
@@ -521,7 +523,7 @@ class Reader:
             from tqdm import tqdm
             progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
         t0 = synced_clock(self.device)
-        for c in self.caches:  # the unit storage (pinned host memory on a GPU), before the first piece
+        for c in self.caches:  # the unit storage (pinned host memory or GPU memory), before the first piece
             if hasattr(c, "reserve"):
                 c.reserve(self.tokens + len(ids) + room)
         reserve_s = synced_clock(self.device) - t0
@@ -558,7 +560,8 @@ class Reader:
 
     def header(self) -> dict:
         """What a snapshot must share with this reader to be loaded (see infllm.load_memory)."""
-        cfg = {k: v for k, v in vars(self.cfg).items() if k != "max_cached_block"}  # the pool: speed only
+        # The pool and where the units are stored change speed only.
+        cfg = {k: v for k, v in vars(self.cfg).items() if k not in ("max_cached_block", "unit_storage")}
         return {"checkpoint": checkpoint_fingerprint(self.ckpt), "dtype": str(self.dtype).removeprefix("torch."),
                 "attention": self.attention, "settings": json.dumps(cfg if self.attention != "full" else {}),
                 "chat": bool(self.chat[0] or self.chat[1])}
@@ -593,7 +596,11 @@ class Reader:
         """Refuse, before any work, a sequence whose caches do not fit in the memory that is free."""
         if n_tokens <= self.reserved:
             return
-        plan = functools.partial(memory_plan, self.model.args, self.attention, self.cfg, dtype=self.dtype,
+        if not self.reserved and self.device.type == "cuda" and self.attention == "infllm":
+            free = self.budget["GPU"] if self.budget["GPU"] is not None else free_gpu_memory(self.device)
+            self.units_on_gpu = place_units(self.caches, self.model.args, self.cfg, n_tokens, free)
+        cfg = dataclasses.replace(self.cfg, unit_storage="device" if self.units_on_gpu else "host")
+        plan = functools.partial(memory_plan, self.model.args, self.attention, cfg, dtype=self.dtype,
                                  device=self.device)
         need, held = plan(n_tokens=n_tokens), plan(n_tokens=self.reserved)
         for where, key in (("host", "host"), ("GPU", "device")):
@@ -608,6 +615,8 @@ class Reader:
                          if need["where"][k] == key and v >= 0.05 * need[key]]
                 hint = ("set --infllm unit_dtype=fp8 (half the units' bytes) or " if self.attention == "infllm"
                         and self.cfg.unit_dtype != "fp8" and "memory units" in need["parts"] and where == "host"
+                        else "set --infllm unit_storage=host (units in host memory) or "
+                        if where == "GPU" and self.attention == "infllm" and self.units_on_gpu
                         else "lower --infllm max_cached_block or " if where == "GPU" and self.attention == "infllm" else "")
                 raise UsageError(f"a memory of {n_tokens:,} tokens needs {size(need[key])} of {where} memory "
                                  f"({', '.join(parts)}), {size(more)} more than it holds now, but "
@@ -718,6 +727,7 @@ def figures(r: Reader, text: str) -> dict:
         "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / GiB, 3) if cuda else None,
         "peak_rss_gib": round(peak_rss_gib(), 3),
         "unit_cache_hit_rate": stats["hit_rate"],
+        "units_on_gpu": r.units_on_gpu if r.attention == "infllm" and cuda else None,  # where unit_storage put them
     } | ({"answer_s": round(f["answer_s"], 3)} if "answer_s" in f else {})
 
 
@@ -734,6 +744,7 @@ def report(args, result):
           + f"), {r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
           + (f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else "")
           + (f", unit cache hit rate {r['unit_cache_hit_rate']:.1%}" if r["unit_cache_hit_rate"] is not None else "")
+          + (f", units in {'GPU' if r['units_on_gpu'] else 'host'} memory" if r["units_on_gpu"] is not None else "")
           + (f", snapshot {r['snapshot_gib']:.2f} GiB in {r['save_s']:.1f} s" if "snapshot_gib" in r else "")
           + (f", snapshot loaded in {r['load_s']:.1f} s" if "load_s" in r else "")
           + (f", answered in {r['answer_s']:.2f} s" if "answer_s" in r else "")

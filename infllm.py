@@ -9,10 +9,12 @@ A cache object per layer stands behind one interface, attend(q, k, v) -> output,
                           tokens) most relevant to the current chunk, and far tokens not yet cut into a
                           unit, all with unrotated keys and queries rotated at position n_local - 1, so
                           every distant token sits at one distance the model saw in training;
-    both parts normalised by one softmax. Units live in host memory; at most max_cached_block of them
-    per layer sit in a device pool kept by least-recent use.
+    both parts normalised by one softmax. Units live in host memory (on a GPU with room for them, in
+    GPU memory: unit_storage); at most max_cached_block of them per layer sit in a device pool kept by
+    least-recent use, which the attention reads.
 The semantics follow ../shared/INFLLM.md; where the authors' code differs it is said below.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -26,6 +28,7 @@ import kernels
 
 
 UNIT_DTYPES = ("model", "fp8")
+UNIT_STORAGE = ("auto", "host", "device")
 MEMORY_POSITIONS = ("fixed", "ordered")
 REPR_SCORING = ("mean", "best")
 LOOKUP_QUERIES = ("mean", "each")
@@ -45,6 +48,13 @@ class InfLLMConfig:
     # Not in the paper: "fp8" stores units (host storage and device pool) in float8 e4m3, one scale per
     # unit and head: half the host memory and half the bytes over PCIe per lookup. "model": the model's dtype.
     unit_dtype: str = "model"
+    # Not in the paper: where the units are stored on a GPU. "host" (the reference): in CPU memory, so a
+    # miss of the device pool copies its unit over PCIe (some 170 us a layer for a 7B model's decoding
+    # step whose 16 units all miss). "device": in GPU memory (128K tokens of a 7B model take 16 GiB), so a
+    # miss is a copy inside the GPU. "auto": "device" where the whole prompt's memory fits in the GPU
+    # with room to spare, else "host" (place_units decides, before the prefill). The pool, its LRU and
+    # every output stay the same. On a CPU all three are the same.
+    unit_storage: str = "auto"
     # Not in the paper: where the memory part's keys sit. "fixed" (the reference): every memory key at one
     # distance, n_local - 1, so the order of the tokens inside a unit is lost. "ordered": the memory laid
     # out as one stretch of text just before the window, in document order (init tokens, the selected
@@ -64,8 +74,8 @@ class InfLLMConfig:
     # times the lookup's arithmetic in the prefill, the same as "mean" when decoding (one query).
     lookup_queries: str = "mean"
 
-    CHOICES = {"unit_dtype": UNIT_DTYPES, "memory_positions": MEMORY_POSITIONS, "repr_scoring": REPR_SCORING,
-               "lookup_queries": LOOKUP_QUERIES}
+    CHOICES = {"unit_dtype": UNIT_DTYPES, "unit_storage": UNIT_STORAGE, "memory_positions": MEMORY_POSITIONS,
+               "repr_scoring": REPR_SCORING, "lookup_queries": LOOKUP_QUERIES}
 
     def check(self) -> "InfLLMConfig":
         for name, allowed in self.CHOICES.items():
@@ -165,8 +175,9 @@ class FullCache:
 
 
 class MemoryUnits:
-    """The memory units of one layer: each unit's K/V block in host storage (pinned when there is a GPU),
-    its representative key on the device, and a pool of max_cached_block device slots kept by LRU.
+    """The memory units of one layer: each unit's K/V block in storage (host memory, pinned when there is a
+    GPU, or GPU memory: unit_storage), its representative key on the device, and a pool of max_cached_block
+    device slots kept by LRU.
     A unit is an index into this storage, never a Python object. Every buffer has a fixed size and
     every counter lives on the device, so a lookup never waits for the host and the same kernels (one
     CUDA graph) serve every piece. Storage has one row more than its capacity: masked writes go there."""
@@ -186,8 +197,11 @@ class MemoryUnits:
         counter = functools.partial(torch.zeros, (), dtype=torch.long, device=device)
         self.n, self.lookups, self.hits, self.misses, self.clock = (counter() for _ in range(5))
         self.host_k = self.host_v = torch.empty(0, *self.block, dtype=self.store)
-        self.locked = [[], []]  # on a GPU: the addresses of host_k's and host_v's page-locked slices
-        self.pinned = 0  # on a GPU: rows [0, pinned) of both are page-locked (see pin)
+        # host_k and host_v are page-locked host memory on a GPU, unless the units are stored on the device
+        # (unit_storage=auto starts in host memory, and place may move them).
+        self.host_pinned = self.device.type == "cuda" and cfg.unit_storage != "device"
+        self.locked = [[], []]  # host_pinned: the addresses of host_k's and host_v's page-locked slices
+        self.pinned = 0  # host_pinned: rows [0, pinned) of both are page-locked (see pin)
         # The representative keys, per unit [Hq, r, D] flattened: r = 1 (their mean), or repr_topk (best).
         self.reprs = torch.empty(0, n_heads * repr_keys(cfg) * head_dim, device=device, dtype=dtype)
         self.last = None  # set to a dict to keep the last lookup's queries and scores (scripts/needle_units.py)
@@ -226,10 +240,10 @@ class MemoryUnits:
         self.reserve(cfg.topk)
 
     def _host(self, n):
-        """Storage for n rows, and on a GPU the list of its page-locked slices (locked by pin)."""
-        if self.device.type == "cuda":
+        """Storage for n rows, and in pinned host memory the list of its page-locked slices (locked by pin)."""
+        if self.host_pinned:
             return kernels.lockable_empty((n, *self.block), self.store)
-        return torch.zeros(n, *self.block, dtype=self.store), None
+        return torch.zeros(n, *self.block, dtype=self.store, device=self.device), None
 
     @property
     def capacity(self):
@@ -278,18 +292,35 @@ class MemoryUnits:
         dimension is marked dynamic for torch.compile: a longer prompt reallocates, and must not compile anew."""
         if cap <= self.capacity:
             return
-        cap = grown_units(self.capacity, cap)
+        self._reallocate(grown_units(self.capacity, cap))
+
+    def place(self, on_device: bool):
+        """Store the units in GPU memory (on_device) or in pinned host memory from now on, moving those
+        already stored (unit_storage=auto: see place_units)."""
+        if self.device.type == "cuda" and on_device == self.host_pinned:
+            self.host_pinned = not on_device
+            self._reallocate(self.capacity)
+
+    def _reallocate(self, cap):
+        """New storage for cap units where host_pinned says, the units stored so far copied into it."""
         if self.device.type == "cuda":  # pending writes into the old storage, on both streams
             torch.cuda.current_stream(self.device).synchronize()
             self.loader.synchronize()
         n = max(self.capacity, 0)
-        for i, name in enumerate(("host_k", "host_v")):
+        to_gpu = self.host_k.device.type == "cpu" and self.device.type == "cuda" and not self.host_pinned
+        for i, name in enumerate(("host_k", "host_v")):  # one at a time: the old one goes before the next
             new, self.locked[i] = self._host(cap + 1)
-            new[:n] = getattr(self, name)[:n]
+            if to_gpu:  # from pinned host memory: CUDA refuses one copy across slices locked apart, so the
+                # GPU reads the stored units as it loads them, before the old storage is unlocked
+                rows = torch.arange(self.count, device=self.device)
+                kernels.gather_from_host(getattr(self, name), rows, new, rows)
+                torch.cuda.current_stream(self.device).synchronize()
+            else:
+                new[:n] = getattr(self, name)[:n]
             setattr(self, name, new)
-            if self.loader is not None and n:  # the rows kept: the GPU may read them at once
+            if self.host_pinned and n:  # the rows kept: the GPU may read them at once
                 kernels.lock_rows(new, 0, n, self.locked[i], fresh=False)
-        self.pinned = n if self.loader is not None else 0
+        self.pinned = n if self.host_pinned else 0
         self.reprs = torch.cat([self.reprs[:n], self.reprs.new_zeros(cap + 1 - n, self.reprs.shape[1])])
         self.unit_slot = torch.cat([self.unit_slot[:n], self.unit_slot.new_full((cap + 1 - n,), -1)])
         if self.fp8:
@@ -307,7 +338,7 @@ class MemoryUnits:
         at once held its first piece up by seconds (22 GB: 6.3 s on an H200 host); locked a slice at a time
         just ahead of the pieces, it costs the GPU nothing: cudaHostRegister does not wait for the GPU, and
         the host queues pieces ahead of it (docs/benchmarks.md)."""
-        if self.loader is None or rows <= self.pinned:
+        if not self.host_pinned or rows <= self.pinned:
             return
         row_bytes = self.host_k[0].numel() * self.host_k.element_size()
         rows = min(max(rows, self.pinned + -(-self.SLICE // row_bytes)), self.host_k.shape[0])
@@ -425,11 +456,13 @@ class MemoryUnits:
 
     def _load(self, units, dst):
         """pool[dst[i]] = storage[units[i]] where dst[i] >= 0 (the misses)."""
-        if self.host_k.device == self.pool_k.device:  # CPU: host and pool are both plain buffers
+        if self.device.type != "cuda":  # CPU: storage and pool are both plain buffers (not `loader is None`:
+            # a CUDA stream object traced through the compiled step crashes dynamo, see below)
             d = torch.where(dst >= 0, dst, self.pool_k.shape[0] - 1)  # hits write the scratch slot
             self.pool_k[d] = self.host_k[units]
             self.pool_v[d] = self.host_v[units]
-        else:  # GPU: a kernel reads the pinned host rows directly (no host sync, no staging copy)
+        else:  # GPU: a kernel reads the storage rows directly, pinned host memory over PCIe or GPU memory
+            # (no host sync, no staging copy)
             self.load_units.copy_(units)
             self.load_slots.copy_(dst)
             self._start_loads()
@@ -794,7 +827,8 @@ def make_caches(model, attention: str = "full", cfg: InfLLMConfig | None = None,
 def memory_plan(args, attention: str, cfg: InfLLMConfig, n_tokens: int, dtype, device) -> dict:
     """The bytes the caches of all layers take for a sequence of n_tokens, from the shapes alone, before
     anything is allocated: {"host": ..., "device": ..., "parts": {name: bytes}}. On a GPU the memory units
-    live in host memory and the rest on the device; on a CPU everything is host memory."""
+    live in host memory (unless unit_storage=device) and the rest on the device; on a CPU everything is
+    host memory."""
     L, Hq, Hkv, D = args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim
     e = torch.empty(0, dtype=dtype).element_size()
     on_gpu = torch.device(device).type == "cuda"
@@ -811,10 +845,32 @@ def memory_plan(args, attention: str, cfg: InfLLMConfig, n_tokens: int, dtype, d
         parts["representative keys"] = L * rows * (Hq * repr_keys(cfg) * D * e + 8 + (8 * Hkv if cfg.unit_dtype == "fp8" else 0))
         staging = new_units_most(cfg, cfg.exc_block_size) if on_gpu else 0  # write-back buffers
         parts["unit pool"] = L * 2 * (cfg.max_cached_block + 1 + staging) * unit
-        host.add("memory units")
+        if cfg.unit_storage != "device":  # auto is planned as it starts; place_units plans both
+            host.add("memory units")
     where = {k: "host" if k in host or not on_gpu else "device" for k in parts}
     return {"host": sum(v for k, v in parts.items() if where[k] == "host"),
             "device": sum(v for k, v in parts.items() if where[k] == "device"), "parts": parts, "where": where}
+
+
+GPU_HEADROOM = 4 << 30  # bytes unit_storage=auto leaves free on the GPU (at least; and a tenth of the GPU)
+
+
+def place_units(caches, args, cfg: InfLLMConfig, n_tokens: int, free: int) -> bool:
+    """unit_storage=auto on a GPU, before the prefill of n_tokens: the units go to GPU memory if the
+    caches of n_tokens, units included, leave free (bytes of GPU memory) a tenth of the GPU and
+    GPU_HEADROOM at least for the activations and CUDA graphs; else to pinned host memory, the
+    reference (a million tokens of a 7B model). Returns whether they are on the GPU."""
+    units = [c.units for c in caches if isinstance(c, ContextMemory) and c.use_units]
+    on_gpu = bool(units) and units[0].device.type == "cuda"
+    if not on_gpu or cfg.unit_storage != "auto":
+        return on_gpu and cfg.unit_storage == "device"
+    device, dtype = units[0].device, units[0].dtype
+    need = memory_plan(args, "infllm", dataclasses.replace(cfg, unit_storage="device"), n_tokens, dtype, device)
+    spare = max(GPU_HEADROOM, torch.cuda.get_device_properties(device).total_memory // 10)
+    on_device = need["device"] + spare <= free
+    for u in units:
+        u.place(on_device)
+    return on_device
 
 
 def memory_stats(caches) -> dict:

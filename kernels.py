@@ -14,7 +14,7 @@ specification: rotary angles and rotations (rope_angles, rotate, and piece_angle
 rms_norm (with the residual sum before it), the MLP's silu_mul, the LRU (lru_fetch), the lookup's scores and
 selection (unit_scores, select_top), the ring writes and local mask (ring_write, window_mask), the memory part
 (memory_part) and retirement (retire). Last, the page-locked host storage, and at the end the Triton kernels and
-the copies between pinned host memory and the GPU that ContextMemory's unit storage uses.
+the copies between ContextMemory's unit storage (pinned host memory, or GPU memory) and its device pool.
 """
 import functools
 import math
@@ -655,10 +655,10 @@ def outside_compile(fn):
 @outside_compile  # a host address is no tensor: torch.compile calls this as it is
 def gather_from_host(src, rows, dst, dst_rows, stream=None):
     """dst[dst_rows[i]] = src[rows[i]] for every i with dst_rows[i] >= 0, where src lives in pinned host
-    memory and the indices on the GPU. A Triton kernel reads the host rows over PCIe itself (pinned
-    memory is mapped into the GPU's address space), so the host never has to learn which units were
-    selected: no synchronisation. src and dst may be pairs of tensors of one shape and dtype (keys and
-    values), copied by the same launch. With a stream, the copy starts there once the work queued so far
+    memory (or GPU memory: unit_storage=device) and the indices on the GPU. A Triton kernel reads the host
+    rows over PCIe itself (pinned memory is mapped into the GPU's address space), so the host never has to
+    learn which units were selected: no synchronisation. src and dst may be pairs of tensors of one shape
+    and dtype (keys and values), copied by the same launch. With a stream, the copy starts there once the work queued so far
     is done, and runs beside whatever comes next until join(stream)."""
     n = rows.numel()
     if n == 0:
@@ -685,9 +685,9 @@ def join(stream):
 
 @outside_compile
 def scatter_to_host(src, dst, rows, stream=None):
-    """dst[rows[i]] = src[i] for every i with rows[i] >= 0, where dst lives in pinned host memory and src
-    and rows on the GPU: the write-back twin of gather_from_host (pairs too). New units go to host storage at rows
-    only the device knows. With a stream, as in gather_from_host: src and rows must stay untouched until join(stream)."""
+    """dst[rows[i]] = src[i] for every i with rows[i] >= 0, where dst lives in pinned host memory (or GPU
+    memory) and src and rows on the GPU: the write-back twin of gather_from_host (pairs too). New units go
+    to their storage at rows only the device knows. With a stream, as in gather_from_host: src and rows must stay untouched until join(stream)."""
     src, dst = tuple(x.contiguous() for x in _pair(src)), _pair(dst)
     n = src[0].shape[0]
     if n == 0:

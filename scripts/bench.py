@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import (decode, forward_fn, gpu_matmuls, join_processes, leave_processes, peak_rss_gib,  # noqa: E402
+from generate import (decode, forward_fn, free_gpu_memory, gpu_matmuls, join_processes, leave_processes, peak_rss_gib,  # noqa: E402
                       pick_device, prefill, use_compile_cache, UsageError)
-from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
+from infllm import InfLLMConfig, make_caches, memory_stats, place_units  # noqa: E402
 from kernels import CHUNK_ATTENTION  # noqa: E402
 from model import DTYPES, ModelArgs, random_model, tensor_parallel  # noqa: E402
 
@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     for n in lengths:
         caches = forward = None  # before the next length's storage is allocated
         caches, forward = setup(model, args.attention, cfg, args.kernel, args.graphs, args.wavefront)
+        units_on_gpu = device.type == "cuda" and place_units(caches, model.args, cfg, n + args.decode, free_gpu_memory(device))
         runs = [measure(model, caches, forward, args.chunk or cfg.chunk_size, n, args.decode, device, seed=r) for r in range(args.repeats)]
         med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
         row = {"shape": args.shape, "attention": args.attention, "length": n, "repeats": args.repeats,
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
                "prefill_tok_s_all": [round(r["prefill_tok_s"], 1) for r in runs],
                "decode_tok_s_all": [round(r["decode_tok_s"], 2) for r in runs],
                "peak_gpu_gib": max(r["peak_gpu_gib"] for r in runs) if device.type == "cuda" else None,
-               "peak_rss_gib": peak_rss_gib(), "hit_rate": med("hit_rate"),
+               "peak_rss_gib": peak_rss_gib(), "hit_rate": med("hit_rate"), "units_on_gpu": units_on_gpu,
                # the first prompt as a user meets it: compilation and graph capture included
                "first_prefill_s": round(runs[0]["prefill_s"], 3), "first_since_start_s": round(runs[0]["since_start_s"], 3),
                "wavefront": getattr(forward, "wavefront", None),

@@ -17,9 +17,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from generate import (UsageError, chat_turn, decode, fast_kernel, forward_fn, gpu_matmuls, join_processes,  # noqa: E402
-                      leave_processes, load, pick_device, prefill, use_compile_cache)
-from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
+from generate import (UsageError, chat_turn, decode, fast_kernel, forward_fn, free_gpu_memory, gpu_matmuls,  # noqa: E402
+                      join_processes, leave_processes, load, pick_device, prefill, use_compile_cache)
+from infllm import InfLLMConfig, make_caches, memory_stats, place_units  # noqa: E402
 from model import DTYPES, CheckpointError  # noqa: E402
 from tokenizer import TokenizerError  # noqa: E402
 
@@ -223,6 +223,8 @@ def mode_runner(model, mode, cfg, device, compile_, longest, max_new_tokens):
     the caches are reset between trials and sized once for the longest prompt, so the compiled steps and
     the two CUDA graphs serve every trial of every length."""
     caches = make_caches(model, mode, cfg, kernel=fast_kernel(device, mode, compile_))
+    if device.type == "cuda":  # unit_storage=auto: the units in GPU memory where the longest prompt's fit
+        place_units(caches, model.args, cfg, longest + max_new_tokens, free_gpu_memory(device))
     for c in caches:
         if hasattr(c, "reserve"):
             c.reserve(longest + max_new_tokens)

@@ -625,6 +625,81 @@ def test_fp8_units_on_the_gpu_equal_the_plain_cpu_path(kernel):
     assert fast[0].units.host_k.dtype == torch.uint8 and fast[0].units.host_k.is_pinned()
 
 
+@pytest.mark.parametrize("unit_dtype", ["model", "fp8"])
+@pytest.mark.parametrize("kernel", ["fused", "triton", "flex"])
+def test_units_stored_on_the_gpu_change_nothing_but_where_they_are(kernel, unit_dtype):
+    """unit_storage=device: the same logits, selections and pool hits and misses as units in pinned host
+    memory (the same kernels read other addresses), and both as the plain CPU path."""
+    cfgs = {where: InfLLMConfig(**{**vars(SMALL), "unit_dtype": unit_dtype, "unit_storage": where})
+            for where in ("host", "device")}
+    cpu_model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0)
+    model = random_model(ARGS, device="cpu", dtype=torch.float32, seed=0).cuda()
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 400), device="cuda")
+    caches = {where: make_caches(model, "infllm", cfg, kernel=kernel) for where, cfg in cfgs.items()}
+    cpu = make_caches(cpu_model, "infllm", cfgs["host"], kernel="plain")
+    for c in caches["host"] + caches["device"] + cpu:
+        c.trace = []
+    out = {where: run(model, c, tokens, SMALL.chunk_size, 20) for where, c in caches.items()}
+    plain = run(cpu_model, cpu, tokens.cpu(), SMALL.chunk_size, 20)
+    assert torch.equal(out["device"], out["host"])
+    assert [c.trace for c in caches["device"]] == [c.trace for c in caches["host"]] == [c.trace for c in cpu]
+    assert memory_stats(caches["device"]) == memory_stats(caches["host"]) and memory_stats(cpu)["misses"] > 0
+    assert (out["device"].cpu() - plain).abs().max() < 1e-3
+    units = caches["device"][0].units
+    assert units.host_k.is_cuda and units.host_v.is_cuda and caches["host"][0].units.host_k.is_pinned()
+
+
+@pytest.mark.parametrize("to_gpu", [True, False])
+def test_units_moved_between_host_and_gpu_memory_are_kept(to_gpu):
+    """MemoryUnits.place in the middle of a sequence: the units stored so far move, and decoding goes on
+    as if they had stayed."""
+    start = "host" if to_gpu else "device"
+    cfg = InfLLMConfig(**{**vars(SMALL), "unit_storage": start})
+    model = random_model(ARGS, device="cuda", dtype=torch.float32, seed=0)
+    tokens = torch.randint(0, ARGS.vocab_size, (1, 400), device="cuda")
+    stay, move = make_caches(model, "infllm", cfg, kernel="fused"), make_caches(model, "infllm", cfg, kernel="fused")
+    ref = run(model, stay, tokens, SMALL.chunk_size, 20)
+    head = run(model, move, tokens[:, :380], SMALL.chunk_size, 0)
+    assert move[0].units.count > SMALL.max_cached_block  # units in storage only, not in the pool
+    for c in move:
+        c.units.place(to_gpu)
+    assert move[0].units.host_k.is_cuda == to_gpu and move[0].units.host_k.is_pinned() == (not to_gpu)
+    tail = run(model, move, tokens[:, 380:], 1, 20)
+    assert torch.equal(torch.cat([head, tail], dim=1), ref)
+    assert memory_stats(move) == memory_stats(stay)
+
+
+def test_units_on_the_gpu_that_do_not_fit_are_refused_with_the_other_storage_named(tiny_ckpt):
+    from generate import Reader, UsageError
+    from infllm import memory_plan
+    knobs = "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=3,exc_block_size=32,chunk_size=96"
+    from generate import ROOM
+    doc = " ".join(f"item{i} is {i * 7 % 13}." for i in range(600))  # some 3,000 tokens
+    r = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs)
+    n = len(r.tok.encode(doc, bos=True)) + ROOM  # what reading it plans for
+    plan = memory_plan(r.model.args, "infllm", InfLLMConfig.parse(knobs + ",unit_storage=device"), n,
+                       torch.float32, "cuda")
+    assert plan["host"] == 0 and plan["device"] > plan["parts"]["memory units"] > 0
+    budget = plan["device"] // 2
+    small = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs + ",unit_storage=device", gpu_memory=budget)
+    with pytest.raises(UsageError, match="of GPU memory .* unit_storage=host"):
+        small.read(doc)
+    assert small.tokens == 0
+    host = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs + ",unit_storage=host", gpu_memory=budget)
+    host.read(doc)  # the same budget of GPU memory holds it with the units in host memory
+    assert host.tokens > 2000 and host.caches[0].units.host_k.is_pinned()
+    ref = host.feed(host.tok.encode(" item3 is"), room=4)
+    # auto (the default): GPU memory where the memory leaves room to spare, host memory where it does not
+    from infllm import GPU_HEADROOM
+    spare = max(GPU_HEADROOM, torch.cuda.get_device_properties(0).total_memory // 10)
+    for extra, on_gpu in ((0, True), (-1, False)):
+        auto = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs, gpu_memory=plan["device"] + spare + extra)
+        auto.read(doc)
+        units = auto.caches[0].units
+        assert auto.units_on_gpu == on_gpu and units.host_k.is_cuda == on_gpu and units.host_k.is_pinned() != on_gpu
+        assert torch.equal(auto.feed(auto.tok.encode(" item3 is"), room=4), ref)
+
+
 @pytest.mark.parametrize("infllm", ["", ",unit_dtype=fp8"])
 def test_snapshot_on_the_gpu_answers_like_one_process(tiny_ckpt, tmp_path, infllm):
     """Read, save, load in another reader, ask: CUDA graphs replayed over restored buffers."""

@@ -1,6 +1,7 @@
 """Read once, ask many times: memory snapshots (--save-memory / --load-memory), the interactive mode, the
 Python entry point (generate.Reader) and the memory plan. The oracle throughout is one process that reads
 the document and then the question: a saved, loaded or rewound memory must answer exactly as it does."""
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -246,6 +247,11 @@ def test_memory_plan_counts_what_the_caches_take(tiny_ckpt, attention, infllm):
         assert gpu["host"] == gpu["parts"]["memory units"] > gpu["device"] > 0
         fp8 = "fp8" in infllm
         assert gpu["parts"]["memory units"] == (1 if fp8 else 2) * 2 * 2 * 8 * 16 * 2 * (2**20 // 16 + 2)
+        cfg = dataclasses.replace(r.cfg, unit_storage="device")  # units in GPU memory: no host memory at all
+        on_gpu = memory_plan(r.model.args, attention, cfg, 2**20, torch.bfloat16, "cuda")
+        assert on_gpu["host"] == 0 and on_gpu["device"] == gpu["device"] + gpu["host"] and on_gpu["parts"] == gpu["parts"]
+        assert memory_plan(r.model.args, attention, cfg, 2**20, torch.bfloat16, "cpu") == \
+            memory_plan(r.model.args, attention, r.cfg, 2**20, torch.bfloat16, "cpu")
 
 
 def test_a_memory_too_large_is_refused_before_the_prefill(tiny_ckpt, tmp_path):
