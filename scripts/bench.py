@@ -126,7 +126,9 @@ def main(argv=None) -> int:
     for n in lengths:
         caches = forward = None  # before the next length's storage is allocated
         caches, forward = setup(model, args.attention, cfg, args.kernel, args.graphs, args.wavefront)
-        units_on_gpu = device.type == "cuda" and place_units(caches, model.args, cfg, n + args.decode, free_gpu_memory(device))
+        # unit_storage=auto: the units in GPU memory where this length's memory fits (generate.py's choice too)
+        units_on_gpu = device.type == "cuda" and place_units(caches, model.args, cfg, n + args.decode,
+                                                             free_gpu_memory(device))
         runs = [measure(model, caches, forward, args.chunk or cfg.chunk_size, n, args.decode, device, seed=r) for r in range(args.repeats)]
         med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
         row = {"shape": args.shape, "attention": args.attention, "length": n, "repeats": args.repeats,
