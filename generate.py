@@ -478,9 +478,14 @@ class Reader:
         self.forward = forward_fn(self.model, self.caches, graphs=cuda and attention != "full")
         self.budget = {"host": host_memory, "GPU": gpu_memory}  # bytes the caches may take; None: what is free
         self.reserved = 0  # tokens the caches have room for
-        self.units_on_gpu = self.cfg.unit_storage == "device"  # unit_storage=auto: decided by the first plan
         self.mark = None  # the memory after the document
         self.figures = {}  # of the last read or question: tokens, seconds
+
+    @property
+    def units_on_gpu(self) -> bool:
+        """Whether the memory units are stored in GPU memory (unit_storage; auto decides at the first plan)."""
+        units = getattr(self.caches[0], "units", None)
+        return units is not None and units.host_k.is_cuda
 
     @property
     def tokens(self) -> int:
@@ -598,7 +603,7 @@ class Reader:
             return
         if not self.reserved and self.device.type == "cuda" and self.attention == "infllm":
             free = self.budget["GPU"] if self.budget["GPU"] is not None else free_gpu_memory(self.device)
-            self.units_on_gpu = place_units(self.caches, self.model.args, self.cfg, n_tokens, free)
+            place_units(self.caches, self.model.args, self.cfg, n_tokens, free)
         cfg = dataclasses.replace(self.cfg, unit_storage="device" if self.units_on_gpu else "host")
         plan = functools.partial(memory_plan, self.model.args, self.attention, cfg, dtype=self.dtype,
                                  device=self.device)

@@ -658,8 +658,8 @@ def gather_from_host(src, rows, dst, dst_rows, stream=None):
     memory (or GPU memory: unit_storage=device) and the indices on the GPU. A Triton kernel reads the host
     rows over PCIe itself (pinned memory is mapped into the GPU's address space), so the host never has to
     learn which units were selected: no synchronisation. src and dst may be pairs of tensors of one shape
-    and dtype (keys and values), copied by the same launch. With a stream, the copy starts there once the work queued so far
-    is done, and runs beside whatever comes next until join(stream)."""
+    and dtype (keys and values), copied by the same launch. With a stream, the copy starts there once the
+    work queued so far is done, and runs beside whatever comes next until join(stream)."""
     n = rows.numel()
     if n == 0:
         return
@@ -687,7 +687,8 @@ def join(stream):
 def scatter_to_host(src, dst, rows, stream=None):
     """dst[rows[i]] = src[i] for every i with rows[i] >= 0, where dst lives in pinned host memory (or GPU
     memory) and src and rows on the GPU: the write-back twin of gather_from_host (pairs too). New units go
-    to their storage at rows only the device knows. With a stream, as in gather_from_host: src and rows must stay untouched until join(stream)."""
+    to their storage at rows only the device knows. With a stream, as in gather_from_host: src and rows must
+    stay untouched until join(stream)."""
     src, dst = tuple(x.contiguous() for x in _pair(src)), _pair(dst)
     n = src[0].shape[0]
     if n == 0:
