@@ -483,7 +483,7 @@ class Reader:
 
     @property
     def units_on_gpu(self) -> bool:
-        """Whether the memory units are stored in GPU memory (unit_storage; auto decides at the first plan)."""
+        """Whether the memory units are stored in GPU memory (unit_storage; auto decides as the caches grow)."""
         units = getattr(self.caches[0], "units", None)
         return units is not None and units.host_k.is_cuda
 
@@ -601,9 +601,10 @@ class Reader:
         """Refuse, before any work, a sequence whose caches do not fit in the memory that is free."""
         if n_tokens <= self.reserved:
             return
-        if not self.reserved and self.device.type == "cuda" and self.attention == "infllm":
+        if self.device.type == "cuda" and self.attention == "infllm":  # unit_storage=auto: where the units
+            # go, at every growth: a longer document that no longer fits in GPU memory moves them to the host
             free = self.budget["GPU"] if self.budget["GPU"] is not None else free_gpu_memory(self.device)
-            place_units(self.caches, self.model.args, self.cfg, n_tokens, free)
+            place_units(self.caches, self.model.args, self.cfg, n_tokens, free, self.reserved)
         cfg = dataclasses.replace(self.cfg, unit_storage="device" if self.units_on_gpu else "host")
         plan = functools.partial(memory_plan, self.model.args, self.attention, cfg, dtype=self.dtype,
                                  device=self.device)

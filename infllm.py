@@ -855,19 +855,23 @@ def memory_plan(args, attention: str, cfg: InfLLMConfig, n_tokens: int, dtype, d
 GPU_HEADROOM = 4 << 30  # bytes unit_storage=auto leaves free on the GPU (at least; and a tenth of the GPU)
 
 
-def place_units(caches, args, cfg: InfLLMConfig, n_tokens: int, free: int) -> bool:
-    """unit_storage=auto on a GPU, before the prefill of n_tokens: the units go to GPU memory if the
-    caches of n_tokens, units included, leave free (bytes of GPU memory) a tenth of the GPU and
-    GPU_HEADROOM at least for the activations and CUDA graphs; else to pinned host memory, the
-    reference (a million tokens of a 7B model). Returns whether they are on the GPU."""
+def place_units(caches, args, cfg: InfLLMConfig, n_tokens: int, free: int, held_tokens: int = 0) -> bool:
+    """unit_storage=auto on a GPU, before the caches grow from room for held_tokens to n_tokens: the units
+    go to (or stay in) GPU memory if the caches of n_tokens, units included, leave a tenth of the GPU and
+    GPU_HEADROOM at least for the activations and CUDA graphs; else to (or back to) pinned host memory,
+    the reference (a million tokens of a 7B model). free: bytes of GPU memory free now, beside what the
+    caches of held_tokens hold already. Returns whether the units are on the GPU."""
     units = [c.units for c in caches if isinstance(c, ContextMemory) and c.use_units]
     on_gpu = bool(units) and units[0].device.type == "cuda"
     if not on_gpu or cfg.unit_storage != "auto":
         return on_gpu and cfg.unit_storage == "device"
     device, dtype = units[0].device, units[0].dtype
-    need = memory_plan(args, "infllm", dataclasses.replace(cfg, unit_storage="device"), n_tokens, dtype, device)
+
+    def plan(storage, n):
+        return memory_plan(args, "infllm", dataclasses.replace(cfg, unit_storage=storage), n, dtype, device)["device"]
+    need = plan("device", n_tokens) - plan("device" if units[0].host_k.is_cuda else "host", held_tokens)
     spare = max(GPU_HEADROOM, torch.cuda.get_device_properties(device).total_memory // 10)
-    on_device = need["device"] + spare <= free
+    on_device = need + spare <= free
     for u in units:
         u.place(on_device)
     return on_device

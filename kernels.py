@@ -636,7 +636,8 @@ def _after_current(stream):
     return torch.cuda.stream(stream)
 
 
-GATHER_SPLIT = 4  # programs per unit in gather_from_host and scatter_to_host (shared by a pair of tensors)
+GATHER_SPLIT = 4  # programs per unit in gather_from_host and scatter_to_host from host storage (a pair shares them)
+COPY_BLOCK = 4096  # elements a program copies at a time
 _OUTSIDE_COMPILE = []
 
 
@@ -665,12 +666,19 @@ def gather_from_host(src, rows, dst, dst_rows, stream=None):
         return
     src, dst = _pair(src), _pair(dst)
     with _after_current(stream):
-        # A few programs per unit, each looping over its share of the row: a copy that waits on PCIe
-        # holds few of the GPU's cores, so the attention running beside it keeps the rest.
-        # A pair shares them: the launch holds as many cores as one tensor's did.
-        split = max(1, GATHER_SPLIT // len(src))
+        split = _copy_split(src[0], len(src))
         _gather_kernel[(n, split, len(src))](src[0].data_ptr(), src[-1].data_ptr(), rows, dst[0], dst[-1], dst_rows,
-                                             src[0][0].numel(), BLOCK=4096, SPLIT=split)
+                                             src[0][0].numel(), BLOCK=COPY_BLOCK, SPLIT=split)
+
+
+def _copy_split(storage, tensors):
+    """Programs per unit and tensor of a copy to or from storage. Host storage: a few, each looping over
+    its share of the row (a pair of tensors shares them): a copy that waits on PCIe holds few of the GPU's
+    cores, so the attention running beside it keeps the rest. GPU storage: one a block of the row, so the
+    copy runs at the speed of GPU memory (a 7B model's unit: 32 programs a tensor, not 2)."""
+    if storage.is_cuda:
+        return -(-storage[0].numel() // COPY_BLOCK)
+    return max(1, GATHER_SPLIT // tensors)
 
 
 def _pair(x):
@@ -694,9 +702,9 @@ def scatter_to_host(src, dst, rows, stream=None):
     if n == 0:
         return
     with _after_current(stream):
-        split = max(1, GATHER_SPLIT // len(src))
+        split = _copy_split(dst[0], len(src))
         _scatter_kernel[(n, split, len(src))](src[0], src[-1], rows, dst[0].data_ptr(), dst[-1].data_ptr(),
-                                              dst[0][0].numel(), BLOCK=4096, SPLIT=split)
+                                              dst[0][0].numel(), BLOCK=COPY_BLOCK, SPLIT=split)
 
 
 def compiled(fn):

@@ -689,15 +689,31 @@ def test_units_on_the_gpu_that_do_not_fit_are_refused_with_the_other_storage_nam
     host.read(doc)  # the same budget of GPU memory holds it with the units in host memory
     assert host.tokens > 2000 and host.caches[0].units.host_k.is_pinned()
     ref = host.feed(host.tok.encode(" item3 is"), room=4)
-    # auto (the default): GPU memory where the memory leaves room to spare, host memory where it does not
+    # auto (the default): GPU memory where the memory leaves room to spare, host memory where it does not.
+    # The free memory it is given excludes what a new reader's caches hold already (the window, the pool).
     from infllm import GPU_HEADROOM
     spare = max(GPU_HEADROOM, torch.cuda.get_device_properties(0).total_memory // 10)
+    held = memory_plan(r.model.args, "infllm", InfLLMConfig.parse(knobs), 0, torch.float32, "cuda")["device"]
+    assert 0 < held < plan["device"]
+    fits = plan["device"] - held + spare
     for extra, on_gpu in ((0, True), (-1, False)):
-        auto = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs, gpu_memory=plan["device"] + spare + extra)
+        auto = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs, gpu_memory=fits + extra)
         auto.read(doc)
         units = auto.caches[0].units
         assert auto.units_on_gpu == on_gpu and units.host_k.is_cuda == on_gpu and units.host_k.is_pinned() != on_gpu
         assert torch.equal(auto.feed(auto.tok.encode(" item3 is"), room=4), ref)
+    # A longer document later, whose growth no longer leaves the room to spare: auto moves the units to host
+    # memory and reads it as host storage does.
+    longer = doc + " " + " ".join(f"thing{i} is {i * 5 % 11}." for i in range(1800))
+    again = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs, gpu_memory=fits)
+    again.read(doc)
+    assert again.units_on_gpu
+    again.read(longer)
+    assert not again.units_on_gpu and again.caches[0].units.host_k.is_pinned() and again.tokens > n
+    host = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs + ",unit_storage=host")
+    host.read(longer)
+    q = again.tok.encode(" thing3 is")
+    assert torch.equal(again.feed(q, room=4), host.feed(q, room=4))
 
 
 @pytest.mark.parametrize("infllm", ["", ",unit_dtype=fp8"])
