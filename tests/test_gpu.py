@@ -570,25 +570,28 @@ def test_column_sums_kernel_equals_plain(T, L, D, group, dtype, kind, seed):
     assert torch.allclose(got.double().cpu(), ref, atol=1e-3, rtol=1e-3)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.integers(1, 12), st.integers(1, 40), st.integers(1, 9000), st.sampled_from([torch.float32, torch.bfloat16]),
-       st.integers(0, 2**16))
-def test_host_copies_move_the_rows_asked(n, stored, row, dtype, seed):
-    """gather_from_host and scatter_to_host on random rows (hits marked -1 copy nothing), on a side stream."""
+       st.booleans(), st.integers(0, 2**16))
+def test_host_copies_move_the_rows_asked(n, stored, row, dtype, on_gpu, seed):
+    """gather_from_host and scatter_to_host on random rows (hits marked -1 copy nothing), on a side stream,
+    from and to storage in pinned host memory or in GPU memory (unit_storage=device: other programs a row)."""
     import kernels
     g = torch.Generator().manual_seed(seed)
-    host = kernels.pinned_empty((stored, row), dtype)
-    host.copy_(torch.randn(stored, row, generator=g))
-    before = host.clone()
+
+    def storage():
+        t = torch.empty(stored, row, dtype=dtype, device="cuda") if on_gpu else kernels.pinned_empty((stored, row), dtype)
+        return t.copy_(torch.randn(stored, row, generator=g))
+    host = storage()
+    before = host.cpu().clone()
     slots = n + 2
     pool = torch.zeros(slots, row, device="cuda", dtype=dtype)
     units = torch.randint(0, stored, (n,), generator=g)
     dst = torch.randperm(slots, generator=g)[:n]
     dst = torch.where(torch.rand(n, generator=g) < 0.3, -1, dst)
     side = torch.cuda.Stream()
-    host2 = kernels.pinned_empty((stored, row), dtype)  # a second storage (values), copied by the same launch
-    host2.copy_(torch.randn(stored, row, generator=g))
-    before2, pool2 = host2.clone(), torch.zeros_like(pool)
+    host2 = storage()  # a second storage (values), copied by the same launch
+    before2, pool2 = host2.cpu().clone(), torch.zeros_like(pool)
     kernels.gather_from_host((host, host2), units.cuda(), (pool, pool2), dst.cuda(), side)
     kernels.join(side)
     for got, src in ((pool, before), (pool2, before2)):
@@ -604,7 +607,7 @@ def test_host_copies_move_the_rows_asked(n, stored, row, dtype, seed):
     side.synchronize()
     kept = rows >= 0
     before[rows[kept]], before2[rows[kept]] = new.cpu()[kept], new2.cpu()[kept]
-    assert torch.equal(host, before) and torch.equal(host2, before2)
+    assert torch.equal(host.cpu(), before) and torch.equal(host2.cpu(), before2)
 
 
 @pytest.mark.parametrize("kernel", ["fused", "flex"])
