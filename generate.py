@@ -601,8 +601,9 @@ class Reader:
         """Refuse, before any work, a sequence whose caches do not fit in the memory that is free."""
         if n_tokens <= self.reserved:
             return
-        if self.device.type == "cuda" and self.attention == "infllm":  # unit_storage=auto: where the units
-            # go, at every growth: a longer document that no longer fits in GPU memory moves them to the host
+        if self.device.type == "cuda" and self.attention == "infllm":
+            # unit_storage=auto decides where the units go at every growth: a longer document that no longer
+            # leaves room in GPU memory moves them to host memory
             free = self.budget["GPU"] if self.budget["GPU"] is not None else free_gpu_memory(self.device)
             place_units(self.caches, self.model.args, self.cfg, n_tokens, free, self.reserved)
         cfg = dataclasses.replace(self.cfg, unit_storage="device" if self.units_on_gpu else "host")
