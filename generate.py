@@ -485,7 +485,7 @@ class Reader:
     def units_on_gpu(self) -> bool:
         """Whether the memory units are stored in GPU memory (unit_storage; auto decides as the caches grow)."""
         units = getattr(self.caches[0], "units", None)
-        return units is not None and units.host_k.is_cuda
+        return units is not None and units.storage_k.is_cuda
 
     @property
     def tokens(self) -> int:

@@ -196,11 +196,11 @@ class MemoryUnits:
         self.scales = torch.empty(0, 2, n_kv_heads, device=device) if self.fp8 else None
         counter = functools.partial(torch.zeros, (), dtype=torch.long, device=device)
         self.n, self.lookups, self.hits, self.misses, self.clock = (counter() for _ in range(5))
-        self.host_k = self.host_v = torch.empty(0, *self.block, dtype=self.store)
-        # host_k and host_v are page-locked host memory on a GPU, unless the units are stored on the device
+        self.storage_k = self.storage_v = torch.empty(0, *self.block, dtype=self.store)
+        # On a GPU the storage is page-locked host memory, unless the units are stored on the device
         # (unit_storage=auto starts in host memory, and place may move them).
         self.host_pinned = self.device.type == "cuda" and cfg.unit_storage != "device"
-        self.locked = [[], []]  # host_pinned: the addresses of host_k's and host_v's page-locked slices
+        self.locked = [[], []]  # host_pinned: the addresses of the storage's page-locked slices
         self.pinned = 0  # host_pinned: rows [0, pinned) of both are page-locked (see pin)
         # The representative keys, per unit [Hq, r, D] flattened: r = 1 (their mean), or repr_topk (best).
         self.reprs = torch.empty(0, n_heads * repr_keys(cfg) * head_dim, device=device, dtype=dtype)
@@ -271,9 +271,9 @@ class MemoryUnits:
         if self.fp8:
             (k_blocks, k_scale), (v_blocks, v_scale) = kernels.to_fp8(k_blocks), kernels.to_fp8(v_blocks)
             self.scales.index_copy_(0, rows, torch.stack([k_scale, v_scale], dim=1))
-        if self.host_k.device == k_blocks.device:
-            self.host_k.index_copy_(0, rows, k_blocks)
-            self.host_v.index_copy_(0, rows, v_blocks)
+        if self.storage_k.device == k_blocks.device:
+            self.storage_k.index_copy_(0, rows, k_blocks)
+            self.storage_v.index_copy_(0, rows, v_blocks)
         else:  # device -> pinned host, written by a kernel (the rows are known on the device only) on
             # the side stream; the staging buffers are next overwritten after the next join_copies().
             # A piece shorter than exc_block_size (decoding, an eager prompt's last piece) makes fewer.
@@ -307,8 +307,8 @@ class MemoryUnits:
             torch.cuda.current_stream(self.device).synchronize()
             self.loader.synchronize()
         n = max(self.capacity, 0)
-        to_gpu = self.host_k.device.type == "cpu" and self.device.type == "cuda" and not self.host_pinned
-        for i, name in enumerate(("host_k", "host_v")):  # one at a time: the old one goes before the next
+        to_gpu = self.storage_k.device.type == "cpu" and self.device.type == "cuda" and not self.host_pinned
+        for i, name in enumerate(("storage_k", "storage_v")):  # one at a time: the old one goes before the next
             new, self.locked[i] = self._host(cap + 1)
             if to_gpu:  # from pinned host memory: CUDA refuses one copy across slices locked apart, so the
                 # GPU reads the stored units as it loads them, before the old storage is unlocked
@@ -325,7 +325,7 @@ class MemoryUnits:
         self.unit_slot = torch.cat([self.unit_slot[:n], self.unit_slot.new_full((cap + 1 - n,), -1)])
         if self.fp8:
             self.scales = torch.cat([self.scales[:n], self.scales.new_zeros(cap + 1 - n, *self.scales.shape[1:])])
-        for t in (self.host_k, self.host_v, self.reprs, self.unit_slot) + ((self.scales,) if self.fp8 else ()):
+        for t in (self.storage_k, self.storage_v, self.reprs, self.unit_slot) + ((self.scales,) if self.fp8 else ()):
             if self.compiled:
                 torch._dynamo.mark_dynamic(t, 0)
         self.version += 1
@@ -340,9 +340,9 @@ class MemoryUnits:
         the host queues pieces ahead of it (docs/benchmarks.md)."""
         if not self.host_pinned or rows <= self.pinned:
             return
-        row_bytes = self.host_k[0].numel() * self.host_k.element_size()
-        rows = min(max(rows, self.pinned + -(-self.SLICE // row_bytes)), self.host_k.shape[0])
-        for t, locked in zip((self.host_k, self.host_v), self.locked):
+        row_bytes = self.storage_k[0].numel() * self.storage_k.element_size()
+        rows = min(max(rows, self.pinned + -(-self.SLICE // row_bytes)), self.storage_k.shape[0])
+        for t, locked in zip((self.storage_k, self.storage_v), self.locked):
             kernels.lock_rows(t, self.pinned, rows, locked)  # rows never written: touched first
         self.pinned = rows
 
@@ -419,10 +419,14 @@ class MemoryUnits:
             n = self.count
             if self.loader is not None:  # write-backs of the last units still on their way
                 torch.cuda.synchronize(self.device)
-            s |= {"host_k": self.host_k[:n], "host_v": self.host_v[:n], "reprs": self.reprs[:n]}
-            if self.fp8:
-                s["scales"] = self.scales[:n]
+            s |= {saved: getattr(self, name)[:n] for saved, name in self.saved_names().items()}
         return s
+
+    def saved_names(self):
+        """A snapshot's name for each stored tensor. The storage keeps the names host_k and host_v in
+        snapshot files (it was always host memory when they were named), so files saved before still load."""
+        names = {"host_k": "storage_k", "host_v": "storage_v", "reprs": "reprs"}
+        return names | ({"scales": "scales"} if self.fp8 else {})
 
     def restore(self, s):
         """Back to a snapshot. The device pool starts empty: the slots may hold units made after the
@@ -431,14 +435,14 @@ class MemoryUnits:
             torch.cuda.synchronize(self.device)
         n = int(s["n"])
         if "host_k" in s:
-            names = ("host_k", "host_v", "reprs") + (("scales",) if self.fp8 else ())
-            for name in names:
-                if name not in s or s[name].shape[1:] != getattr(self, name).shape[1:] or len(s[name]) != n:
-                    raise ValueError(f"saved units {name!r} do not fit this model and these settings")
+            names = self.saved_names()
+            for saved, name in names.items():
+                if saved not in s or s[saved].shape[1:] != getattr(self, name).shape[1:] or len(s[saved]) != n:
+                    raise ValueError(f"saved units {saved!r} do not fit this model and these settings")
             self.reserve(n)
             self.pin(n)  # before the rows are written: pin clears the rows it locks
-            for name in names:
-                getattr(self, name)[:n] = s[name]
+            for saved, name in names.items():
+                getattr(self, name)[:n] = s[saved]
         elif n > self.capacity:
             raise ValueError("a rewind cannot bring back units this storage never held")
         for name in ("n", "lookups", "hits", "misses"):
@@ -459,8 +463,8 @@ class MemoryUnits:
         if self.device.type != "cuda":  # CPU: storage and pool are both plain buffers (not `loader is None`:
             # a CUDA stream object traced through the compiled step crashes dynamo, see below)
             d = torch.where(dst >= 0, dst, self.pool_k.shape[0] - 1)  # hits write the scratch slot
-            self.pool_k[d] = self.host_k[units]
-            self.pool_v[d] = self.host_v[units]
+            self.pool_k[d] = self.storage_k[units]
+            self.pool_v[d] = self.storage_v[units]
         else:  # GPU: a kernel reads the storage rows directly, pinned host memory over PCIe or GPU memory
             # (no host sync, no staging copy)
             self.load_units.copy_(units)
@@ -472,12 +476,13 @@ class MemoryUnits:
 
     @kernels.outside_compile
     def _start_loads(self):
-        kernels.gather_from_host((self.host_k, self.host_v), self.load_units, (self.pool_k, self.pool_v), self.load_slots,
+        kernels.gather_from_host((self.storage_k, self.storage_v), self.load_units, (self.pool_k, self.pool_v), self.load_slots,
                                  self.loader)
 
     @kernels.outside_compile
     def _start_write_back(self):
-        kernels.scatter_to_host((self.stage_k, self.stage_v), (self.host_k, self.host_v), self.stage_rows, self.loader)
+        kernels.scatter_to_host((self.stage_k, self.stage_v), (self.storage_k, self.storage_v), self.stage_rows,
+                                self.loader)
 
     @kernels.outside_compile
     def join_copies(self):
@@ -869,7 +874,7 @@ def place_units(caches, args, cfg: InfLLMConfig, n_tokens: int, free: int, held_
 
     def plan(storage, n):
         return memory_plan(args, "infllm", dataclasses.replace(cfg, unit_storage=storage), n, dtype, device)["device"]
-    need = plan("device", n_tokens) - plan("device" if units[0].host_k.is_cuda else "host", held_tokens)
+    need = plan("device", n_tokens) - plan("device" if units[0].storage_k.is_cuda else "host", held_tokens)
     spare = max(GPU_HEADROOM, torch.cuda.get_device_properties(device).total_memory // 10)
     on_device = need + spare <= free
     for u in units:

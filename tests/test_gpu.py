@@ -246,7 +246,7 @@ def test_ring_lookup_memory_and_retirement_kernels_equal_pytorchs(wavefront):
         new += decode(model, caches, model(torch.tensor([new[-1:]], device="cuda"), caches)[0, -1], 4,
                       forward=forward_fn(model, caches))
         torch.cuda.synchronize()
-        state = [(c.units.cached_units(), c.trace, c.units.host_k[:c.units.count].clone(), c.units.host_v[:c.units.count].clone(),
+        state = [(c.units.cached_units(), c.trace, c.units.storage_k[:c.units.count].clone(), c.units.storage_v[:c.units.count].clone(),
                   c.units.reprs[:c.units.count].clone(), c.init_k[:, :int(c.n_init_d)].clone(),
                   int(c.start_d), int(c.n_init_d), int(c.pos_d)) for c in caches]
         runs.append((logits, new, memory_stats(caches), state))
@@ -432,11 +432,11 @@ def test_unit_storage_is_locked_as_the_pieces_come(wavefront, monkeypatch):
             new = decode(model, caches, logits, 8, forward=fixed)
         torch.cuda.synchronize()
         runs.append((logits, new, memory_stats(caches), units.pinned, len(units.locked[0]), kept))
-        assert units.host_k.is_pinned() and units.count > 20
+        assert units.storage_k.is_pinned() and units.count > 20
     (a, new_a, stats_a, pinned_a, spans_a, kept_a), (b, new_b, stats_b, pinned_b, spans_b, _) = runs
     assert (a - b).abs().max() < 1e-5 and new_a == new_b and stats_a == stats_b
     need = (900 + 8) // SMALL.block_size + 1
-    assert need <= pinned_a < pinned_b == caches[0].units.host_k.shape[0] and spans_b <= 2
+    assert need <= pinned_a < pinned_b == caches[0].units.storage_k.shape[0] and spans_b <= 2
     assert spans_a > 10 and pinned_a > kept_a
 
 
@@ -625,7 +625,7 @@ def test_fp8_units_on_the_gpu_equal_the_plain_cpu_path(kernel):
     b = run(cpu_model, cpu, tokens.cpu(), cfg.chunk_size, 20)
     assert (a.cpu() - b).abs().max() < 1e-3
     assert [c.trace for c in fast] == [c.trace for c in cpu] and memory_stats(fast)["misses"] > 0
-    assert fast[0].units.host_k.dtype == torch.uint8 and fast[0].units.host_k.is_pinned()
+    assert fast[0].units.storage_k.dtype == torch.uint8 and fast[0].units.storage_k.is_pinned()
 
 
 @pytest.mark.parametrize("unit_dtype", ["model", "fp8"])
@@ -649,7 +649,7 @@ def test_units_stored_on_the_gpu_change_nothing_but_where_they_are(kernel, unit_
     assert memory_stats(caches["device"]) == memory_stats(caches["host"]) and memory_stats(cpu)["misses"] > 0
     assert (out["device"].cpu() - plain).abs().max() < 1e-3
     units = caches["device"][0].units
-    assert units.host_k.is_cuda and units.host_v.is_cuda and caches["host"][0].units.host_k.is_pinned()
+    assert units.storage_k.is_cuda and units.storage_v.is_cuda and caches["host"][0].units.storage_k.is_pinned()
 
 
 @pytest.mark.parametrize("to_gpu", [True, False])
@@ -666,7 +666,7 @@ def test_units_moved_between_host_and_gpu_memory_are_kept(to_gpu):
     assert move[0].units.count > SMALL.max_cached_block  # units in storage only, not in the pool
     for c in move:
         c.units.place(to_gpu)
-    assert move[0].units.host_k.is_cuda == to_gpu and move[0].units.host_k.is_pinned() == (not to_gpu)
+    assert move[0].units.storage_k.is_cuda == to_gpu and move[0].units.storage_k.is_pinned() == (not to_gpu)
     tail = run(model, move, tokens[:, 380:], 1, 20)
     assert torch.equal(torch.cat([head, tail], dim=1), ref)
     assert memory_stats(move) == memory_stats(stay)
@@ -690,7 +690,7 @@ def test_units_on_the_gpu_that_do_not_fit_are_refused_with_the_other_storage_nam
     assert small.tokens == 0
     host = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs + ",unit_storage=host", gpu_memory=budget)
     host.read(doc)  # the same budget of GPU memory holds it with the units in host memory
-    assert host.tokens > 2000 and host.caches[0].units.host_k.is_pinned()
+    assert host.tokens > 2000 and host.caches[0].units.storage_k.is_pinned()
     ref = host.feed(host.tok.encode(" item3 is"), room=4)
     # auto (the default): GPU memory where the memory leaves room to spare, host memory where it does not.
     # The free memory it is given excludes what a new reader's caches hold already (the window, the pool).
@@ -703,7 +703,7 @@ def test_units_on_the_gpu_that_do_not_fit_are_refused_with_the_other_storage_nam
         auto = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs, gpu_memory=fits + extra)
         auto.read(doc)
         units = auto.caches[0].units
-        assert auto.units_on_gpu == on_gpu and units.host_k.is_cuda == on_gpu and units.host_k.is_pinned() != on_gpu
+        assert auto.units_on_gpu == on_gpu and units.storage_k.is_cuda == on_gpu and units.storage_k.is_pinned() != on_gpu
         assert torch.equal(auto.feed(auto.tok.encode(" item3 is"), room=4), ref)
     # A longer document later, whose growth no longer leaves the room to spare: auto moves the units to host
     # memory and reads it as host storage does.
@@ -712,7 +712,7 @@ def test_units_on_the_gpu_that_do_not_fit_are_refused_with_the_other_storage_nam
     again.read(doc)
     assert again.units_on_gpu
     again.read(longer)
-    assert not again.units_on_gpu and again.caches[0].units.host_k.is_pinned() and again.tokens > n
+    assert not again.units_on_gpu and again.caches[0].units.storage_k.is_pinned() and again.tokens > n
     host = Reader(tiny_ckpt, "cuda", "fp32", "infllm", knobs + ",unit_storage=host")
     host.read(longer)
     q = again.tok.encode(" thing3 is")

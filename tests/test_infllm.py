@@ -361,7 +361,7 @@ def test_fp8_units_match_dense_oracle_with_their_rounding(model64, kernel):
     unrounded = run(model64, make_caches(model64, "infllm", SMALL, kernel=kernel), prompt, cfg.chunk_size, dec)
     assert (ours - ref).abs().max() < 1e-9
     assert (ours - unrounded).abs().max() > 1e-4, "the rounding must show, or this test tests nothing"
-    assert caches[0].units.host_k.dtype == torch.uint8 and caches[0].units.pool_k.dtype == torch.uint8
+    assert caches[0].units.storage_k.dtype == torch.uint8 and caches[0].units.pool_k.dtype == torch.uint8
 
 
 def test_device_cache_size_changes_speed_not_output(model64):
@@ -670,7 +670,7 @@ def test_caches_are_freed_without_the_cycle_collector(model64, kernel):
     gc.disable()
     try:
         caches = make_caches(model64, "infllm", SMALL, kernel)
-        refs = [weakref.ref(c) for c in caches] + [weakref.ref(c.units.host_k) for c in caches]
+        refs = [weakref.ref(c) for c in caches] + [weakref.ref(c.units.storage_k) for c in caches]
         del caches
         assert all(r() is None for r in refs)
     finally:

@@ -229,7 +229,7 @@ def _cache_bytes(caches):
         bufs = [c.ring_k, c.ring_kr, c.ring_v, c.ring_score, c.ring_pos, c.init_k, c.init_v]
         if c.use_units:
             u = c.units
-            bufs += [u.host_k, u.host_v, u.reprs, u.unit_slot, u.pool_k, u.pool_v]
+            bufs += [u.storage_k, u.storage_v, u.reprs, u.unit_slot, u.pool_k, u.pool_v]
             bufs += [u.scales] if u.fp8 else []
         total += sum(t.numel() * t.element_size() for t in bufs)
     return total
