@@ -1,4 +1,4 @@
-# Device calls of 2026-11-29 02:55-03:20 UTC (nvidia-h200 each; the only kind lent), branch storage-moves. carry: .stage17
+# Device calls of 2026-11-29 02:55-03:38 UTC (nvidia-h200 each; the only kind lent), branch storage-moves. carry: .stage17
 # (.stage17/base: main 4b6f954 (*.py and scripts/, from git archive); .stage17/tokck: the SmolLM2 tokenizer files. The scripts ran from .stage17 are kept here under the names used below.)
 # call 1
 set -u
@@ -54,4 +54,12 @@ mkdir -p checkpoints/smollm2-135m-instruct && cp .stage17/tokck/* checkpoints/sm
 timeout 480 python -X faulthandler -m pytest -v tests/test_gpu.py -p no:cacheprovider -k "not (host_copies or gather_from_host or snapshot_on_the_gpu or greedy_decoding or fast_path_equals or fp8_units or storage_is_locked or wavefront or compiles_no_triton or pinned_storage or lru_kernel or select_kernel or do_not_fit or units_moved or units_stored or lookup_options)" > $OUT/gpu_tests_b.txt 2>&1
 grep -c PASSED $OUT/gpu_tests_b.txt; grep -n "FAIL\|ERROR\|Fatal\|passed\|failed\|SKIP" $OUT/gpu_tests_b.txt | cut -c1-160 | head -20
 tail -3 $OUT/gpu_tests_b.txt | cut -c1-200
+date -u
+# call 6
+set -u
+date -u
+mkdir -p checkpoints/smollm2-135m-instruct && cp .stage17/tokck/* checkpoints/smollm2-135m-instruct/
+timeout 270 python -X faulthandler -m pytest -v tests/test_gpu.py -p no:cacheprovider -k "units_ or do_not_fit or storage_is_locked or fp8_units or snapshot_on_the_gpu or ring_lookup" > $OUT/gpu_tests_c.txt 2>&1
+grep -n "PASS\|FAIL\|ERROR\|Fatal\|passed\|failed" $OUT/gpu_tests_c.txt | cut -c1-160 | head -30
+grep -n -A25 "^___" $OUT/gpu_tests_c.txt | head -40
 date -u
