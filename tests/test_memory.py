@@ -189,6 +189,10 @@ def _old(settings):
 def test_a_snapshot_from_before_newer_settings_loads_as_their_defaults(tiny_ckpt, snapshot, tmp_path):
     old = _with_settings(snapshot, tmp_path / "old.mem", _old)
     assert "repr_scoring" not in read_snapshot_header(old)["settings"]
+    # The unit storage's tensors keep the names of the files saved before (MemoryUnits.saved_names).
+    data = old.read_bytes()
+    names = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).keys()
+    assert {"layer.1.units.host_k", "layer.1.units.host_v", "layer.1.units.reprs"} <= set(names)
     r = reader(tiny_ckpt)
     r.load(old)
     for q in QUESTIONS:
