@@ -52,7 +52,7 @@ class InfLLMConfig:
     # miss of the device pool copies its unit over PCIe (some 170 us a layer for a 7B model's decoding
     # step whose 16 units all miss). "device": in GPU memory (128K tokens of a 7B model take 16 GiB), so a
     # miss is a copy inside the GPU. "auto": "device" where the whole prompt's memory fits in the GPU
-    # with room to spare, else "host" (place_units decides, before the prefill). The pool, its LRU and
+    # with room to spare, else "host" (place_units decides before the caches grow). The pool, its LRU and
     # every output stay the same. On a CPU all three are the same.
     unit_storage: str = "auto"
     # Not in the paper: where the memory part's keys sit. "fixed" (the reference): every memory key at one
@@ -239,7 +239,7 @@ class MemoryUnits:
             self.stage_rows = torch.zeros(most, dtype=torch.long, device=device)
         self.reserve(cfg.topk)
 
-    def _host(self, n):
+    def _new_storage(self, n):
         """Storage for n rows, and in pinned host memory the list of its page-locked slices (locked by pin)."""
         if self.host_pinned:
             return kernels.lockable_empty((n, *self.block), self.store)
@@ -309,7 +309,7 @@ class MemoryUnits:
         n = max(self.capacity, 0)
         to_gpu = self.storage_k.device.type == "cpu" and self.device.type == "cuda" and not self.host_pinned
         for i, name in enumerate(("storage_k", "storage_v")):  # one at a time: the old one goes before the next
-            new, self.locked[i] = self._host(cap + 1)
+            new, self.locked[i] = self._new_storage(cap + 1)
             if to_gpu:  # from pinned host memory: CUDA refuses one copy across slices locked apart, so the
                 # GPU reads the stored units as it loads them, before the old storage is unlocked
                 rows = torch.arange(self.count, device=self.device)

@@ -218,11 +218,11 @@ def chunk_attention_triton(q_local, k_local, v_local, mask_local, q_mem, k_mem, 
     """chunk_attention for the eager GPU path as one Triton kernel (_two_part_attention_kernel): flash attention
     over the local keys, then the memory keys, in one online softmax, each part scored with its own queries.
     Unlike chunk_attention_fused it copies no keys or values per query head and builds no additive mask (it
-    reads the boolean mask tile by tile). The local column sums come
-    from local_column_sums with the kernel's log-sum-exp, or for a few queries (a decoding step) from the
-    logits the kernel kept, in its range merge. Same results as chunk_attention up to the rounding
-    of the probabilities to the input dtype (bf16) before they weigh the values. A decoding step takes it too,
-    its keys split over many programs; a CPU or float64 take the blocked kernel."""
+    reads the boolean mask tile by tile). The local column sums come from local_column_sums with the kernel's
+    log-sum-exp, or for a few queries (a decoding step) from the logits the kernel kept, in its range merge.
+    Same results as chunk_attention up to the rounding of the probabilities to the input dtype (bf16) before
+    they weigh the values. A decoding step takes it too, its keys split over many programs; a CPU or float64
+    take the blocked kernel."""
     if not q_local.is_cuda or q_local.dtype == torch.float64:
         return chunk_attention_blocked(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
     out, lse, columns = _two_part_attention(q_local, k_local, v_local, mask_local, q_mem, k_mem, v_mem, mask_mem)
