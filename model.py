@@ -3,9 +3,8 @@
 Attention does not own its keys and values. Each layer is handed a cache object (full, stream or
 infllm: see infllm.py) that stores what it needs, places the rotary positions and computes the
 attention. The model never knows which kind of cache it has: tokens -> model -> cache -> logits.
+Plain PyTorch: on a GPU, engine.accelerate swaps some forwards for Triton kernels that compute the same.
 """
-import dataclasses
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from tp import sum_over_processes, tensor_parallel
 
 
 class CheckpointError(ValueError):
@@ -52,9 +51,8 @@ class ModelArgs:
         # transformers >= 5 writes rope_parameters; older configs have rope_theta and rope_scaling.
         rope = dict(cfg.get("rope_parameters") or {})
         base = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling = rope or cfg.get("rope_scaling") or None
+        scaling = dict(rope or cfg.get("rope_scaling") or {}) or None
         if scaling is not None:
-            scaling = dict(scaling)
             scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
             if scaling["rope_type"] == "default":
                 scaling = None
@@ -62,44 +60,16 @@ class ModelArgs:
                 raise CheckpointError(f"rope scaling {scaling['rope_type']!r} is not supported (supported: llama3, linear)")
         try:
             n_heads = cfg["num_attention_heads"]
-            return cls(
-                vocab_size=cfg["vocab_size"],
-                dim=cfg["hidden_size"],
-                n_layers=cfg["num_hidden_layers"],
-                n_heads=n_heads,
-                n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-                ffn_dim=cfg["intermediate_size"],
-                norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                rope_base=float(base),
-                rope_scaling=scaling,
-                max_seq_len=cfg.get("max_position_embeddings", 4096),
-                # Qwen2 always has q/k/v biases; Llama-family configs say so with attention_bias.
-                qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
-                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            )
+            return cls(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                       n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                       head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads, ffn_dim=cfg["intermediate_size"],
+                       norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_base=float(base), rope_scaling=scaling,
+                       max_seq_len=cfg.get("max_position_embeddings", 4096),
+                       # Qwen2 always has q/k/v biases; Llama-family configs say so with attention_bias.
+                       qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
+                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
         except KeyError as e:
             raise CheckpointError(f"config.json lacks the field {e.args[0]!r}") from None
-
-
-def tensor_parallel(args: ModelArgs, world: int) -> ModelArgs:
-    """One process's share of the model when it is split over world processes (Megatron-style): whole
-    key-value heads, with the query heads that read them, and a slice of the MLP's hidden units."""
-    if world == 1:
-        return args
-    if args.n_kv_heads % world or args.ffn_dim % world:
-        raise CheckpointError(f"this model has {args.n_kv_heads} key-value heads and {args.ffn_dim} MLP units, "
-                              f"which {world} processes cannot share evenly: use a number of processes that divides "
-                              f"{math.gcd(args.n_kv_heads, args.ffn_dim)}")
-    return dataclasses.replace(args, n_heads=args.n_heads // world, n_kv_heads=args.n_kv_heads // world,
-                               ffn_dim=args.ffn_dim // world, tp_size=world)
-
-
-def sum_over_processes(x: torch.Tensor) -> torch.Tensor:
-    """Tensor parallel: each process computed a partial sum (its heads' share of o_proj, its hidden units'
-    share of down_proj); all of them get the whole sum."""
-    torch.distributed.all_reduce(x)
-    return x
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -117,8 +87,7 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
-    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return scaled.float()
+    return ((1 - smooth) * inv_freq / factor + smooth * inv_freq).float()
 
 
 class Rotary(nn.Module):
@@ -132,8 +101,6 @@ class Rotary(nn.Module):
     def angles(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of positions pos [T], each [T, head_dim] in dtype: computed once for every tensor
         rotated to the same positions (a piece's queries and keys; memory's one fixed position)."""
-        if _fused(pos, dtype):
-            return kernels.rope_angles(pos, self.inv_freq, dtype)
         acc = torch.promote_types(dtype, torch.float32)
         # Angles in float64, reduced to one turn: InfLLM's window keys sit at their absolute positions, and
         # at position 1M a float32 angle is off by up to 0.03 rad. Counted in turns and reduced by floor, not
@@ -146,18 +113,8 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, angles=None) -> torch.Tensor:
         """Rotate x [..., T, head_dim] to positions pos [T], or by their angles (Hugging Face's half-split layout)."""
         cos, sin = self.angles(pos, x.dtype) if angles is None else angles
-        if _fused(x, x.dtype):
-            return kernels.rotate(x.reshape(-1, *x.shape[-2:]), cos, sin).view(x.shape)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def _fused(t: torch.Tensor, dtype) -> bool:
-    """Rotations, norms (with the residual sum before one) and the MLP's silu product on an eager GPU run as one
-    Triton kernel each (kernels.rotate, rope_angles, rms_norm, silu_mul): in PyTorch operations they took some 50
-    kernels per layer and piece, each covering the GPU. Compiled, inductor fuses the PyTorch operations itself;
-    float64 (the tests' oracle) stays in PyTorch."""
-    return t.is_cuda and dtype != torch.float64 and kernels.triton is not None and not torch.compiler.is_compiling()
 
 
 class RMSNorm(nn.Module):
@@ -167,19 +124,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if _fused(x, x.dtype):
-            return kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 as the reference does: bf16 sums of squares lose too much.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-    def add(self, x, h):
-        """The residual sum x + h and its norm, in one kernel on an eager GPU."""
-        if _fused(x, x.dtype):
-            return kernels.rms_norm(x, self.weight, self.eps, add=h)
-        x = x + h
-        return x, self(x)
 
 
 class Attention(nn.Module):
@@ -196,9 +144,7 @@ class Attention(nn.Module):
         a = self.args
         q, k, v = self.qkv_proj(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim,
                                           a.n_kv_heads * a.head_dim], dim=-1)
-        q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-        k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q, k, v = (t.view(B, T, -1, a.head_dim).transpose(1, 2) for t in (q, k, v))
         y = cache.attend(q, k, v, n_valid)  # q, k unrotated: the cache decides their positions
         return self.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
 
@@ -211,10 +157,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x):
-        gate_up = self.gate_up_proj(x)
-        if _fused(x, x.dtype):  # the same, silu and product in one kernel
-            return self.down_proj(kernels.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -229,9 +172,8 @@ class Block(nn.Module):
         self.reduce = sum_over_processes if args.tp_size > 1 else (lambda x: x)
 
     def forward(self, x, cache, n_valid=None):
-        h = self.reduce(self.self_attn(self.input_layernorm(x), cache, n_valid))
-        x, normed = self.post_attention_layernorm.add(x, h)  # x = x + h; normed = post_attention_layernorm(x)
-        return x + self.reduce(self.mlp(normed))
+        h = x + self.reduce(self.self_attn(self.input_layernorm(x), cache, n_valid))
+        return h + self.reduce(self.mlp(self.post_attention_layernorm(h)))
 
 
 class Transformer(nn.Module):
@@ -249,10 +191,9 @@ class Transformer(nn.Module):
         self.rope = Rotary(args)
 
     def forward(self, tokens: torch.Tensor, caches: list, last_only: bool = False, n_valid=None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only, which a long
-        prefill wants: the full logits of an 8K chunk would take gigabytes). With n_valid (a device
-        count) only the first n_valid tokens are real, the rest padding: a CUDA graph replays inputs of
-        a fixed length."""
+        """tokens [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with last_only, which a long prefill wants:
+        the full logits of an 8K chunk would take gigabytes). With n_valid (a device count) only the first
+        n_valid tokens are real, the rest padding: a CUDA graph replays inputs of a fixed length."""
         x = self.embed_tokens(tokens)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, cache, n_valid)
@@ -261,15 +202,8 @@ class Transformer(nn.Module):
         return self.logits(x)
 
     def logits(self, x):
-        """The last layer's output -> logits, in fp32."""
-        return self.lm_head(self.norm(x)).float()
-
-    def compile_blocks(self):
-        """torch.compile the dense per-token work of every layer (norms, MLP); the attention and its
-        cache keep their own data-dependent control flow outside the compiled graphs."""
-        for layer in self.layers:
-            for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
-                m.compile(dynamic=True)
+        """The last layer's output -> logits, in fp32 (float64 for a float64 model: the tests' oracle)."""
+        return self.lm_head(self.norm(x)).to(torch.promote_types(x.dtype, torch.float32))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -282,43 +216,22 @@ def read_config(ckpt: Path) -> ModelArgs:
     if not path.is_file():
         raise CheckpointError(f"{path} not found: a checkpoint folder needs config.json")
     try:
-        cfg = json.loads(path.read_text())
+        return ModelArgs.from_hf_config(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    return ModelArgs.from_hf_config(cfg)
 
 
 def safetensors_files(ckpt: Path) -> list[Path]:
     ckpt = Path(ckpt)
     index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [ckpt / n for n in names]
-    else:
-        files = sorted(ckpt.glob("*.safetensors"))
+    files = ([ckpt / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+             if index.is_file() else sorted(ckpt.glob("*.safetensors")))
     if not files:
         raise CheckpointError(f"no *.safetensors weights in {ckpt} (pickled .bin checkpoints are not read)")
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"{f} is listed in the index but missing")
     return files
-
-
-def checkpoint_fingerprint(ckpt) -> str:
-    """A content hash of a checkpoint: config.json, each weights file's index (its safetensors header: every
-    tensor's name, dtype, shape and offsets) and 16 samples of 64 KiB spread over its data, which tell two
-    fine-tunes of one shape apart. Milliseconds, where hashing every weight would take minutes."""
-    ckpt = Path(ckpt)
-    h = hashlib.sha256((ckpt / "config.json").read_bytes())
-    for f in safetensors_files(ckpt):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(f.name.encode() + fh.read(n))
-            for i in range(16):
-                fh.seek(8 + n + (size - 8 - n) * i // 16)
-                h.update(fh.read(1 << 16))
-    return h.hexdigest()[:32]
 
 
 # Tensor parallel: the layers split by output rows (heads, MLP units) and by input columns (their sums).
@@ -366,8 +279,7 @@ def load_model(ckpt, device="cpu", dtype=torch.bfloat16, rank=0, world=1) -> Tra
     args = tensor_parallel(read_config(ckpt), world)
     with torch.device("meta"):
         model = Transformer(args)
-    ours = dict(model.named_parameters(remove_duplicate=False))
-    layout = checkpoint_layout(model)
+    ours, layout = dict(model.named_parameters(remove_duplicate=False)), checkpoint_layout(model)
     state, found = {}, set()  # found: the checkpoint's names read
     for f in safetensors_files(ckpt):
         try:
@@ -382,8 +294,7 @@ def load_model(ckpt, device="cpu", dtype=torch.bfloat16, rank=0, world=1) -> Tra
                     shape = (rows, *ours[param].shape[1:])
                     t = _shard(st, key, name, shape, rank) if world > 1 else st.get_tensor(key)
                     if t.shape != shape:
-                        raise CheckpointError(
-                            f"tensor {key!r} in {f.name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+                        raise CheckpointError(f"tensor {key!r} in {f.name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
                     if rows == ours[param].shape[0]:
                         state[param] = t.to(device=device, dtype=dtype)
                     else:  # one part of a stacked parameter: its rows
@@ -410,8 +321,7 @@ def load_model(ckpt, device="cpu", dtype=torch.bfloat16, rank=0, world=1) -> Tra
 
 def _shard(st, key, name, shape, rank):
     """Process rank's slice of a tensor split for tensor parallel (rows or columns of the mmap, read alone)."""
-    part = st.get_slice(key)
-    layer = name.split(".")[-2]
+    part, layer = st.get_slice(key), name.split(".")[-2]
     if layer in SPLIT_ROWS:
         return part[rank * shape[0]:(rank + 1) * shape[0]]
     if layer in SPLIT_COLUMNS:
@@ -430,10 +340,7 @@ def random_model(args: ModelArgs, device="cpu", dtype=torch.float32, seed: int =
     finally:
         torch.set_default_dtype(default)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            nn.init.normal_(p, 1.0, 0.1)
-        else:
-            nn.init.normal_(p, 0.0, 0.02)
+        nn.init.normal_(p, *((1.0, 0.1) if name.endswith("norm.weight") else (0.0, 0.02)))
     model = model.to(dtype)
     model.rope = Rotary(args, device=device)  # .to(dtype) must not round the frequencies
     return model.eval()

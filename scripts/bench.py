@@ -1,14 +1,16 @@
 """Speed and memory of prefill and decoding on random weights (speed does not depend on the values).
 
     python scripts/bench.py --shape mistral-7b --lengths 32K,128K --decode 64 [--attention infllm|full|stream]
-                            [--repeats N] [--json] [--device cuda] [--kernel blocked|plain|compiled|flex] [--graphs]
+                            [--repeats N] [--json] [--device cuda] [--kernel blocked|plain|compiled|flex|reference] [--graphs]
                             [--cold | --compile-cache DIR]
 
 Reports per length: prefill tokens/s, decode tokens/s, peak GPU GiB, peak host RSS GiB and the
 unit-cache hit rate, each the median over the repeats (the steady state), and beside them what a user's
 first prompt costs: run 1's prefill seconds (compilation and CUDA graph capture included) and the
 seconds from the process's start to the end of that prefill. --cold points the compile caches at an
-empty temporary folder (a fresh machine); by default they are generate.py's (a warm machine).
+empty temporary folder (a fresh machine); by default they are generate.py's (a warm machine). --kernel picks
+the engine's chunk attention (engine.attention.CHUNK_ATTENTION), or the reference (infllm.py, generate.py
+--engine reference) with "reference".
 """
 import time
 
@@ -25,11 +27,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import (decode, forward_fn, free_gpu_memory, gpu_matmuls, join_processes, leave_processes, peak_rss_gib,  # noqa: E402
-                      pick_device, prefill, use_compile_cache, UsageError)
-from infllm import InfLLMConfig, make_caches, memory_stats, place_units  # noqa: E402
-from kernels import CHUNK_ATTENTION  # noqa: E402
-from model import DTYPES, ModelArgs, random_model, tensor_parallel  # noqa: E402
+import engine  # noqa: E402
+import engine.storage  # noqa: E402
+import infllm  # noqa: E402
+from engine.attention import CHUNK_ATTENTION  # noqa: E402
+from engine.graphs import forward_fn  # noqa: E402
+from infllm import InfLLMConfig, memory_stats  # noqa: E402
+from model import DTYPES, ModelArgs, random_model  # noqa: E402
+from reader import (UsageError, decode, free_gpu_memory, gpu_matmuls, peak_rss_gib, pick_device,  # noqa: E402
+                    plain_forward, prefill, use_compile_cache)
+from tp import join_processes, leave_processes, tensor_parallel  # noqa: E402
 
 SHAPES = {  # ../shared/BENCHMARKS.md
     "mistral-7b": ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
@@ -93,7 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     p.add_argument("--infllm", default="", help="InfLLM settings key=value,...")
-    p.add_argument("--kernel", choices=list(CHUNK_ATTENTION), default="blocked")
+    p.add_argument("--kernel", choices=[*CHUNK_ATTENTION, "reference"], default="blocked",
+                   help="the engine's chunk attention, or the reference's caches and forward")
     p.add_argument("--graphs", action="store_true", help="replay the forward from CUDA graphs (GPU, infllm/stream)")
     p.add_argument("--wavefront", type=int, default=None, metavar="N",
                    help="with --graphs: run prompts of N pieces or more as a wavefront over the layers (0: never; default: FixedShapes')")
@@ -112,6 +120,8 @@ def main(argv=None) -> int:
         cfg = InfLLMConfig.parse(args.infllm)
         if args.decode < 2 or args.repeats < 1:
             raise UsageError("--decode must be at least 2 and --repeats at least 1")
+        if args.kernel == "reference" and args.graphs:
+            raise UsageError("CUDA graphs run in the engine only: drop --graphs or pick an engine --kernel")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -120,15 +130,17 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         gpu_matmuls(dtype)
     model = random_model(shape, device=device, dtype=dtype, seed=rank)
+    if args.kernel != "reference":
+        engine.accelerate(model)  # the engine's forwards, as generate.py --engine fast runs them
     if args.kernel in ("compiled", "flex"):
-        model.compile_blocks()  # as generate.py --compile does
+        engine.compile_blocks(model)  # as generate.py --compile does
     rows = []
     for n in lengths:
         caches = forward = None  # before the next length's storage is allocated
         caches, forward = setup(model, args.attention, cfg, args.kernel, args.graphs, args.wavefront)
         # unit_storage=auto: the units in GPU memory where this length's memory fits (generate.py's choice too)
-        units_on_gpu = device.type == "cuda" and place_units(caches, model.args, cfg, n + args.decode,
-                                                             free_gpu_memory(device))
+        units_on_gpu = (device.type == "cuda" and args.kernel != "reference" and
+                        engine.storage.place_units(caches, model.args, cfg, n + args.decode, free_gpu_memory(device)))
         runs = [measure(model, caches, forward, args.chunk or cfg.chunk_size, n, args.decode, device, seed=r) for r in range(args.repeats)]
         med = lambda k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None  # noqa: E731
         row = {"shape": args.shape, "attention": args.attention, "length": n, "repeats": args.repeats,
@@ -174,7 +186,10 @@ def setup(model, attention, cfg, kernel, graphs, wavefront=None):
     """Caches kept over the repeats (reset between them), so CUDA graphs captured in one are replayed
     in the next, as they are for every prompt after the first in a long-running process."""
     gc.collect()  # whatever of the last length's caches only cycles still hold: free before allocating anew
-    caches = make_caches(model, attention, cfg, kernel)
+    if kernel == "reference":
+        caches = infllm.make_caches(model, attention, cfg)
+        return caches, plain_forward(model, caches)
+    caches = engine.make_caches(model, attention, cfg, kernel)
     return caches, forward_fn(model, caches, graphs=graphs, wavefront=wavefront)
 
 

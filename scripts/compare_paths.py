@@ -1,9 +1,11 @@
-"""Run one passkey prompt through two attention kernels and compare the greedy tokens.
+"""Run one passkey prompt through the reference and the engine's paths and compare the greedy tokens.
 
-    python scripts/compare_paths.py --ckpt DIR --length 32K [--kernels plain,flex+graphs] [--depth 0.5]
+    python scripts/compare_paths.py --ckpt DIR --length 32K [--kernels reference,triton+graphs] [--depth 0.5]
 
-The fast path must give the plain path's answer on a real model and a real prompt, not only on random
-tensors; the seconds per prompt are printed beside it.
+The fast path must give the reference's answer on a real model and a real prompt, not only on random
+tensors; the seconds per prompt are printed beside it. "reference" is generate.py --engine reference; an
+engine path is a kernel of engine.attention.CHUNK_ATTENTION, +graphs replayed from CUDA graphs (on a GPU,
+"triton+graphs" is generate.py --engine fast).
 """
 import argparse
 import sys
@@ -14,10 +16,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import decode, forward_fn, load, pick_device, prefill  # noqa: E402
-from infllm import InfLLMConfig, make_caches, memory_stats  # noqa: E402
+import engine  # noqa: E402
+import infllm  # noqa: E402
+from engine.graphs import forward_fn  # noqa: E402
+from infllm import InfLLMConfig, memory_stats  # noqa: E402
 from model import DTYPES  # noqa: E402
 from passkey import build_prompt, found, parse_length  # noqa: E402
+from reader import decode, load, pick_device, plain_forward, prefill  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -26,8 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--length", default="32K")
     p.add_argument("--depth", type=float, default=0.5)
     p.add_argument("--key", type=int, default=71432)
-    p.add_argument("--kernels", default="plain,flex+graphs",
-                   help="plain, blocked, compiled or flex (kernels.CHUNK_ATTENTION); KERNEL+graphs replays CUDA graphs")
+    p.add_argument("--kernels", default="reference,triton+graphs",
+                   help="reference, or a kernel of engine.attention.CHUNK_ATTENTION (KERNEL+graphs replays CUDA graphs)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--infllm", default="")
@@ -40,10 +45,16 @@ def main(argv=None) -> int:
     ids = build_prompt(tok, parse_length(args.length), args.depth, args.key)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     answers = {}
-    for name in args.kernels.split(","):
+    # The reference first: the engine swaps the model's forwards for its own (engine.accelerate).
+    for name in sorted(args.kernels.split(","), key=lambda n: n != "reference"):
         kernel, _, graphs = name.partition("+")  # KERNEL+graphs: replayed from CUDA graphs
-        caches = make_caches(model, "infllm", cfg, kernel)
-        forward = forward_fn(model, caches, graphs=graphs == "graphs")
+        if kernel == "reference":
+            caches = infllm.make_caches(model, "infllm", cfg)
+            forward = plain_forward(model, caches)
+        else:
+            engine.accelerate(model)
+            caches = engine.make_caches(model, "infllm", cfg, kernel)
+            forward = forward_fn(model, caches, graphs=graphs == "graphs")
         for c in caches:
             c.reserve(len(ids) + args.new_tokens)  # now, so that no later growth drops captured graphs
         warm = 0.0
@@ -67,7 +78,7 @@ def main(argv=None) -> int:
         answers[name] = new
         text = tok.decode(new)
         print(f"{name:>9}: {len(ids)} tokens, {seconds:.1f} s (warm-up {warm:.1f} s), found={found(text, args.key)}, "
-              f"hit rate {memory_stats(caches)['hit_rate']:.1%}, answer {text!r}", flush=True)
+              f"hit rate {memory_stats(caches)['hit_rate'] or 0:.1%}, answer {text!r}", flush=True)
     same = len({tuple(a) for a in answers.values()}) == 1
     if len(answers) > 1:
         print("same greedy tokens:", same)

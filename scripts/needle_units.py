@@ -21,9 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import DTYPES, decode, fast_kernel, load, pick_device, prefill  # noqa: E402
-from infllm import InfLLMConfig, make_caches  # noqa: E402
+import engine  # noqa: E402
+from infllm import InfLLMConfig  # noqa: E402
+from model import DTYPES  # noqa: E402
 from niah import HAYSTACKS, Parts, build_prompt, haystack, make_sample  # noqa: E402
+from reader import decode, load, pick_device, prefill  # noqa: E402
 from sweep import UsageError, parse_length  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -58,8 +60,8 @@ def head_scores(units) -> torch.Tensor:
     the lookup's score): what a selection per head, rather than one per layer, would rank units by."""
     q = units.last["queries"][:, 0].double()  # [Hq, D]: one token's lookup
     n, (Hq, D) = units.count, q.shape
-    keys = units.reprs[:n].double().view(n, Hq, -1, D)  # [n, Hq, r, D]
-    return torch.einsum("nhrd,hd->nhr", keys, q).amax(dim=2)  # r = 1 (mean) or each key's best (best)
+    keys = units.reprs[:n].double().view(n, Hq, D)  # one representative key per head (the mean of repr_topk)
+    return torch.einsum("nhd,hd->nh", keys, q)
 
 
 def head_ranks(caches, units: list[int]) -> list[list[int | None]]:
@@ -83,7 +85,9 @@ def trace(args) -> dict:
     asked = prompt.needle_at[0]  # the asked needle is the first one (single and multikey)
     units = needle_units(asked, len(parts.later(s.needles[0])), cfg)
     model, _ = load(args.ckpt, device, dtype)
-    caches = make_caches(model, "infllm", cfg, kernel=fast_kernel(device, "infllm", compile_=False))
+    engine.accelerate(model)
+    # The engine's caches: they can keep each lookup's queries and scores (the reference keeps the selection only)
+    caches = engine.make_caches(model, "infllm", cfg, kernel=engine.pick_kernel(device, "infllm", False))
     for c in caches:
         c.units.last = {}  # keep each lookup's queries and scores
     logits = prefill(model, caches, prompt.ids, cfg.chunk_size, room=args.steps + 1)

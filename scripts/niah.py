@@ -4,8 +4,8 @@
     python scripts/niah.py --ckpt DIR --tasks single,multikey,multivalue,multiquery --haystacks prose \
         --lengths 4K,8K --depths 0,0.25,0.5,0.75,1 --samples 3 --attention infllm,stream,full \
         [--keys words] [--values numbers] [--digits 7] [--max-new-tokens 128] [--device cpu|cuda] \
-        [--dtype bf16|fp16|fp32] [--infllm key=val,...] [--compile] [--seed 0] [--chat] [--full-max-length 16K] \
-        [--out results.jsonl] [--resume] [--table docs/quality.md] [--plot niah.png]
+        [--dtype bf16|fp16|fp32] [--infllm key=val,...] [--engine reference|fast] [--compile] [--seed 0] [--chat] \
+        [--full-max-length 16K] [--out results.jsonl] [--resume] [--table docs/quality.md] [--plot niah.png]
 
 Tasks, as RULER's (needles with distinct keys, values per key, keys asked):
     single      1  1  1   one needle

@@ -2,8 +2,8 @@
 
     python scripts/passkey.py --ckpt DIR --lengths 4K,8K,16K,32K --depths 0,0.25,0.5,0.75,1 --trials 3 \
         --attention infllm,stream,full [--device cpu|cuda] [--dtype bf16|fp16|fp32] [--infllm key=val,...] \
-        [--seed 0] [--chat] [--full-max-length 16K] [--out results.jsonl] [--resume] [--plot passkey.png] \
-        [--table docs/passkey.md] [--depths-stream 0.1,0.5,0.9]
+        [--engine reference|fast] [--compile] [--seed 0] [--chat] [--full-max-length 16K] [--out results.jsonl] \
+        [--resume] [--plot passkey.png] [--table docs/passkey.md] [--depths-stream 0.1,0.5,0.9]
 
 The prompt is the classic one measured in ../shared/TEST_MODEL.md. Lengths are in tokens of the checkpoint's
 tokenizer ("K" = 1024, "M" = 1024K); each prompt is as long as possible without passing its target.

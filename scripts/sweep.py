@@ -17,11 +17,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from generate import (UsageError, chat_turn, decode, fast_kernel, forward_fn, free_gpu_memory, gpu_matmuls,  # noqa: E402
-                      join_processes, leave_processes, load, pick_device, prefill, use_compile_cache)
-from infllm import InfLLMConfig, make_caches, memory_stats, place_units  # noqa: E402
+import engine.storage  # noqa: E402
+from infllm import InfLLMConfig, memory_stats  # noqa: E402
 from model import DTYPES, CheckpointError  # noqa: E402
+from reader import (ENGINES, UsageError, caches_and_forward, chat_turn, check_engine, decode,  # noqa: E402
+                    default_engine, free_gpu_memory, gpu_matmuls, load, pick_device, prefill, prepare,
+                    use_compile_cache)
 from tokenizer import TokenizerError  # noqa: E402
+from tp import join_processes, leave_processes  # noqa: E402
 
 MODES = ("infllm", "stream", "full")
 
@@ -88,8 +91,12 @@ def add_common_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    p.add_argument("--engine", choices=ENGINES, default=None,
+                   help="as generate.py --engine: the reference (infllm.py) or the engine (default: fast on a GPU, "
+                        "reference on a CPU)")
     p.add_argument("--compile", action="store_true",
-                   help="as generate.py --compile: compiled layers and piece steps (the first trial pays the compilation)")
+                   help="as generate.py --compile (--engine fast): compiled layers and piece steps (the first trial "
+                        "pays the compilation)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--full-max-length", default="16K", help="skip full attention above this length (quadratic)")
     p.add_argument("--out", default=None, help="JSON lines file, one line per trial")
@@ -110,6 +117,8 @@ def check_setup(args):
     """The settings, the device, the files: checked after each script's own options, before the model loads."""
     args.cfg = InfLLMConfig.parse(args.infllm)
     args.device_ = pick_device(args.device)
+    args.engine = args.engine or default_engine(args.device_)
+    check_engine(args.engine, args.compile)
     args.dtype_name = args.dtype or ("bf16" if args.device_.type == "cuda" else "fp32")
     if args.resume and not args.out:
         raise UsageError("--resume needs --out")
@@ -133,6 +142,8 @@ def settings_of(args, mode, max_new_tokens) -> dict:
         s["chunk_size"] = args.cfg.chunk_size
     if args.compile:  # the same arithmetic up to rounding, but told apart (a resumed sweep does not mix them)
         s["compile"] = True
+    if args.engine == "reference":  # likewise; a record without the key is the engine's (it came first)
+        s["engine"] = "reference"
     return s
 
 
@@ -218,26 +229,26 @@ chat_wrap = chat_turn  # the chat template's text before and after a user's mess
 # ------------------------------------------------------------------------------------------ running a trial
 
 
-def mode_runner(model, mode, cfg, device, compile_, longest, max_new_tokens):
-    """The caches and forward of one mode, kept for the whole sweep (--compile, or CUDA graphs on a GPU):
-    the caches are reset between trials and sized once for the longest prompt, so the compiled steps and
-    the two CUDA graphs serve every trial of every length."""
-    caches = make_caches(model, mode, cfg, kernel=fast_kernel(device, mode, compile_))
-    if device.type == "cuda":  # unit_storage=auto: the units in GPU memory where the longest prompt's fit
-        place_units(caches, model.args, cfg, longest + max_new_tokens, free_gpu_memory(device))
+def mode_runner(model, mode, cfg, device, which, compile_, longest, max_new_tokens):
+    """The caches and forward of one mode, kept for the whole sweep (--compile, or a GPU): the caches are
+    reset between trials and sized once for the longest prompt, so the compiled steps and the engine's CUDA
+    graphs serve every trial of every length."""
+    caches, forward = caches_and_forward(model, mode, cfg, which, compile_)
+    if device.type == "cuda" and which == "fast":  # unit_storage=auto: the units in GPU memory where they fit
+        engine.storage.place_units(caches, model.args, cfg, longest + max_new_tokens, free_gpu_memory(device))
     for c in caches:
-        if hasattr(c, "reserve"):
-            c.reserve(longest + max_new_tokens)
-    return caches, forward_fn(model, caches, graphs=device.type == "cuda" and mode != "full")
+        c.reserve(longest + max_new_tokens)
+    return caches, forward
 
 
 @torch.no_grad()
-def answer(model, tok, ids, mode, cfg, device, runner=None, max_new_tokens=10) -> dict:
-    """Prefill the prompt, decode greedily: the answer's text, the seconds both took, InfLLM's unit cache hit rate."""
+def answer(model, tok, ids, mode, cfg, device, runner=None, max_new_tokens=10, which=None) -> dict:
+    """Prefill the prompt, decode greedily: the answer's text, the seconds both took, InfLLM's unit cache hit rate.
+    Without a runner, fresh caches of the engine `which` (default: the device's)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     if runner is None:
-        caches, forward = make_caches(model, mode, cfg), None
+        caches, forward = caches_and_forward(model, mode, cfg, which or default_engine(device))
     else:
         caches, forward = runner
         for c in caches:
@@ -265,8 +276,7 @@ class Runner:
                 use_compile_cache()
                 gpu_matmuls(DTYPES[a.dtype_name])
             self.model, self.tok = load(a.ckpt, a.device_, DTYPES[a.dtype_name], getattr(a, "rank_", 0), getattr(a, "world_", 1))
-            if a.compile:
-                self.model.compile_blocks()
+            prepare(self.model, a.engine, a.compile)
             self.wrap = chat_wrap(a.ckpt, self.tok) if a.chat else ("", "")
         return self.model, self.tok, self.wrap
 
@@ -274,8 +284,9 @@ class Runner:
         a = self.args
         model, tok, _ = self.load()
         if (a.compile or (a.device_.type == "cuda" and mode != "full")) and mode not in self.runners:
-            self.runners[mode] = mode_runner(model, mode, a.cfg, a.device_, a.compile, max(a.lengths), self.max_new_tokens)
-        return answer(model, tok, ids, mode, a.cfg, a.device_, self.runners.get(mode), self.max_new_tokens)
+            self.runners[mode] = mode_runner(model, mode, a.cfg, a.device_, a.engine, a.compile, max(a.lengths),
+                                             self.max_new_tokens)
+        return answer(model, tok, ids, mode, a.cfg, a.device_, self.runners.get(mode), self.max_new_tokens, a.engine)
 
 
 # ------------------------------------------------------------------------------------------ reporting

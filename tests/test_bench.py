@@ -26,6 +26,11 @@ def test_bench_reports_each_length(capsys):
     full = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["length"] for r in full] == [300, 1024]
     assert all(r["attention"] == "full" and r["hit_rate"] is None and r["decode_tok_s"] > 0 for r in full)
+    # The reference (generate.py --engine reference) measured the same way.
+    assert bench.main(argv[:4] + ["--kernel", "reference", "--repeats", "1", "--device", "cpu", "--json",
+                                  "--infllm", SMALL_INFLLM]) == 0
+    ref = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["length"] for r in ref] == [300, 1024] and all(0 <= r["hit_rate"] <= 1 for r in ref)
 
 
 def test_bench_bad_length_is_one_sentence():
@@ -39,11 +44,13 @@ def test_bench_profile_prints_the_prefill_tail_and_decoding(capsys):
     """--profile traces only a prefill's last tokens (the rest fed unprofiled into the same caches) and 16
     decoding steps: both tables come out, the tail's with the operators of a forward in it."""
     import torch
-    from generate import forward_fn
-    from infllm import InfLLMConfig, make_caches
+
+    import engine
+    from engine.graphs import forward_fn
+    from infllm import InfLLMConfig
     from model import random_model
     model = random_model(bench.SHAPES["tiny"])
-    caches = make_caches(model, "infllm", InfLLMConfig.parse(SMALL_INFLLM), "blocked")
+    caches = engine.make_caches(model, "infllm", InfLLMConfig.parse(SMALL_INFLLM), "blocked")
     bench.profile(model, caches, forward_fn(model, caches), 128, 700, torch.device("cpu"), tail=300)
     out = capsys.readouterr().out
     assert "== prefill of the last 300 tokens ==" in out and "== 16 decoding steps ==" in out

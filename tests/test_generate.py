@@ -125,10 +125,49 @@ def test_compile_generates_the_same_tokens(tiny_ckpt, capsys):
     import generate
     prompt = " ".join(f"word{i}" for i in range(200))
     argv = ["--ckpt", str(tiny_ckpt), "--prompt", prompt, "--max-new-tokens", "6", "--json", "--device", "cpu",
-            "--infllm", SMALL_INFLLM]
+            "--infllm", SMALL_INFLLM, "--engine", "fast"]  # --compile is the engine's
     runs = []
     for extra in ([], ["--compile"]):
         assert generate.main(argv + extra) == 0
         runs.append(json.loads(capsys.readouterr().out))
     assert runs[0]["text"] == runs[1]["text"] and runs[0]["new_tokens"] == runs[1]["new_tokens"] >= 1
     assert runs[0]["prompt_tokens"] > 3 * 64 and runs[1]["unit_cache_hit_rate"] is not None
+
+
+EVICTING = "n_init=4,n_local=32,block_size=8,topk=2,max_cached_block=3,exc_block_size=8,chunk_size=24"
+
+
+def test_reference_and_engine_give_the_same_answer(tiny_ckpt, capsys):
+    """--engine reference (infllm.py) and --engine fast (engine/) on a CPU: the same greedy tokens and the same
+    unit-cache hits over a prompt that makes units, evicts them from the pool and looks them up."""
+    import generate
+    prompt = " ".join(f"word{i}" for i in range(80))
+    argv = ["--ckpt", str(tiny_ckpt), "--prompt", prompt, "--max-new-tokens", "8", "--json", "--device", "cpu",
+            "--infllm", EVICTING]
+    runs = {}
+    for which in ("reference", "fast"):
+        assert generate.main(argv + ["--engine", which]) == 0
+        runs[which] = json.loads(capsys.readouterr().out)
+    ref, fast = runs["reference"], runs["fast"]
+    assert ref["engine"] == "reference" and fast["engine"] == "fast"
+    assert ref["prompt_tokens"] == fast["prompt_tokens"] > 4 * 32
+    assert ref["text"] == fast["text"] and ref["new_tokens"] == fast["new_tokens"] == 8
+    assert ref["unit_cache_hit_rate"] == fast["unit_cache_hit_rate"] is not None and ref["unit_cache_hit_rate"] < 1
+    assert generate.main(argv) == 0  # a CPU's default: the reference
+    assert json.loads(capsys.readouterr().out)["engine"] == "reference"
+
+
+@pytest.mark.parametrize("extra", [["--infllm", "unit_dtype=fp8"], ["--compile"]], ids=["fp8", "compile"])
+def test_the_reference_refuses_what_only_the_engine_does(tiny_ckpt, capsys, monkeypatch, extra):
+    """fp8 units and --compile live in the engine: --engine reference says so in one sentence, before any prefill."""
+    import generate
+    import reader
+
+    def no_prefill(*args, **kwargs):
+        raise AssertionError("the prefill ran")
+    monkeypatch.setattr(reader, "prefill", no_prefill)
+    argv = ["--ckpt", str(tiny_ckpt), "--prompt", "hi", "--device", "cpu", "--engine", "reference", *extra]
+    assert generate.main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and lines[0].startswith("error: ") and "--engine fast" in lines[0], err

@@ -1,4 +1,5 @@
-"""The attention kernels against full attention and against each other, on random shapes (hypothesis)."""
+"""The attention kernels of kernels.py (and the engine's table of them, engine/attention.py) against full attention
+and against each other, on random shapes (hypothesis), on a CPU. tests/test_gpu.py runs the GPU kernels."""
 import math
 
 import pytest
@@ -7,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
+from engine import storage
+from engine.attention import CHUNK_ATTENTION
 
 
 def dense_softmax_attention(q, k, v, mask):
@@ -60,6 +63,18 @@ def test_blocked_kernel_equals_plain(p):
     a_out, a_col = kernels.chunk_attention(*args)
     b_out, b_col = kernels.chunk_attention_blocked(*args, block=p["block"])
     assert torch.allclose(a_out, b_out, atol=1e-12) and torch.allclose(a_col, b_col, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shapes, st.sampled_from(sorted(CHUNK_ATTENTION)))
+def test_every_chunk_attention_of_the_engine_equals_plain(p, kernel):
+    """Each entry of the engine's table, called as FixedShapeMemory calls it (the local part, then the memory
+    part), on a CPU: the GPU kernels ("triton", and "flex" fused) fall back to the PyTorch paths here."""
+    args = random_case(p)
+    local, memory = CHUNK_ATTENTION[kernel]
+    a_out, a_col = kernels.chunk_attention(*args)
+    b_out, b_col = memory(local(*args[:4]), *args[4:])
+    assert torch.allclose(a_out, b_out, atol=1e-6) and torch.allclose(a_col, b_col, atol=1e-6)
 
 
 @settings(max_examples=40, deadline=None)
@@ -177,9 +192,9 @@ def test_lock_spans_cover_the_rows_and_share_no_page(base, row_bytes, rows, cuts
     """Host storage page-locked in slices of rows (MemoryUnits.pin): the spans registered one after the
     other tile the storage exactly, never share a page (a second registration of a page fails), and once
     rows [0, r) are locked every byte of them lies in a registered span."""
-    page = kernels.PAGE
+    page = storage.PAGE
     bounds = [0] + sorted({c for c in cuts if c < rows}) + [rows]
-    spans = [kernels.lock_span(base, row_bytes, rows, r0, r1) for r0, r1 in zip(bounds, bounds[1:])]
+    spans = [storage.lock_span(base, row_bytes, rows, r0, r1) for r0, r1 in zip(bounds, bounds[1:])]
     spans = [(s, e) for s, e in spans if e > s]  # lock_rows registers nothing for an empty span
     assert spans[0][0] == base and spans[-1][1] == base + rows * row_bytes
     for (s0, e0), (s1, e1) in zip(spans, spans[1:]):

@@ -1,6 +1,6 @@
 """Read once, ask many times: memory snapshots (--save-memory / --load-memory), the interactive mode, the
-Python entry point (generate.Reader) and the memory plan. The oracle throughout is one process that reads
-the document and then the question: a saved, loaded or rewound memory must answer exactly as it does."""
+Python entry point (reader.Reader) and the memory plan, for both engines. The oracle throughout is one process
+that reads the document and then the question: a saved, loaded or rewound memory must answer exactly as it does."""
 import dataclasses
 import hashlib
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import Reader, UsageError
-from infllm import SnapshotError, memory_plan, read_snapshot_header
+from engine.storage import memory_plan
+from reader import Reader, SnapshotError, UsageError, read_snapshot_header
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "smollm2-135m-instruct"
@@ -24,11 +24,15 @@ needs_ckpt = pytest.mark.skipif(not (CKPT / "model.safetensors").exists(),
 SMALL = "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=3,exc_block_size=32,chunk_size=96"
 DOC = " ".join(f"item{i} is {i * 7 % 13}." for i in range(90))  # several hundred tokens, not a multiple of 32
 QUESTIONS = ["\nWhat is item3?", "\nAnd item71 is"]
-LOOKUP = ",repr_scoring=best,lookup_queries=each"  # the lookup options: every representative key kept
 
 
-def reader(ckpt, attention="infllm", infllm=SMALL, **kw):
-    return Reader(ckpt, "cpu", "fp32", attention, infllm, **kw)
+def reader(ckpt, attention="infllm", infllm=SMALL, engine="reference", **kw):
+    return Reader(ckpt, "cpu", "fp32", attention, infllm, engine=engine, **kw)
+
+
+def units(r) -> int:
+    """Memory units layer 0 holds."""
+    return r.caches[0].stats()["units"]
 
 
 def ask_logits(r, question):
@@ -37,9 +41,9 @@ def ask_logits(r, question):
     return r.feed(r.tok.encode(question), room=8)
 
 
-def one_process(ckpt, attention, infllm, question):
+def one_process(ckpt, attention, infllm, question, engine="reference"):
     """The oracle: a fresh reader reads the document, then the question; logits and greedy answer."""
-    r = reader(ckpt, attention, infllm)
+    r = reader(ckpt, attention, infllm, engine)
     r.read(DOC)
     logits = r.feed(r.tok.encode(question), room=8)
     return logits, r.answer(logits, 8)
@@ -50,20 +54,22 @@ def cli(*args, stdin=None):
                           text=True, timeout=900, cwd=ROOT, input=stdin)
 
 
-@pytest.mark.parametrize("attention, infllm", [("infllm", SMALL), ("infllm", SMALL + ",unit_dtype=fp8"),
-                                               ("infllm", SMALL + LOOKUP), ("stream", SMALL), ("full", "")])
-def test_loaded_and_rewound_memory_answer_like_one_process(tiny_ckpt, tmp_path, attention, infllm):
-    r = reader(tiny_ckpt, attention, infllm)
+@pytest.mark.parametrize("attention, infllm, engine", [
+    *[(a, s, e) for a, s in (("infllm", SMALL), ("stream", SMALL), ("full", "")) for e in ("reference", "fast")],
+    ("infllm", SMALL + ",unit_dtype=fp8", "fast"),  # the engine's only (tests/test_generate.py: the reference refuses)
+])
+def test_loaded_and_rewound_memory_answer_like_one_process(tiny_ckpt, tmp_path, attention, infllm, engine):
+    r = reader(tiny_ckpt, attention, infllm, engine)
     r.read(DOC)
     assert r.tokens > 4 * 64 and r.tokens % 32
     if attention == "infllm":
-        assert r.caches[0].units.count > 8, "the document must make memory units"
+        assert units(r) > 8, "the document must make memory units"
     r.save(tmp_path / "doc.mem")
-    loaded = reader(tiny_ckpt, attention, infllm)
+    loaded = reader(tiny_ckpt, attention, infllm, engine)
     loaded.load(tmp_path / "doc.mem")
     assert loaded.tokens == r.tokens
     for q in QUESTIONS:  # each question after the other: the first must not leak into the second
-        ref_logits, ref = one_process(tiny_ckpt, attention, infllm, q)
+        ref_logits, ref = one_process(tiny_ckpt, attention, infllm, q, engine)
         for who in (r, loaded):  # rewound where the document was read, and loaded in another reader
             assert torch.equal(ask_logits(who, q), ref_logits)
             assert who.ask(q, 8) == ref
@@ -82,17 +88,19 @@ def test_smollm2_answers_after_load_like_one_process(tmp_path):
     assert json.loads(saved.stdout)["new_tokens"] == 0 and json.loads(saved.stdout)["snapshot_gib"] > 0
     answered = cli(*base, "--load-memory", tmp_path / "doc.mem", "--prompt", question, "--max-new-tokens", 6)
     assert answered.returncode == 0, answered.stderr
-    r = Reader(CKPT, "cpu", "fp32", "infllm", knobs)
+    r = Reader(CKPT, "cpu", "fp32", "infllm", knobs)  # the CLI's engine on a CPU: the reference
     r.read(doc)
-    assert r.caches[0].units.count > 10
+    assert units(r) > 10
     logits = r.feed(r.tok.encode(question), room=6)
     assert json.loads(answered.stdout)["text"] == r.answer(logits, 6)
     assert "4721" in json.loads(answered.stdout)["text"]
 
 
-def test_interactive_answers_each_question_like_a_fresh_run(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_interactive_answers_each_question_like_a_fresh_run(tiny_ckpt, tmp_path, engine):
     (tmp_path / "doc.txt").write_text(DOC)
-    base = ["--ckpt", tiny_ckpt, "--device", "cpu", "--infllm", SMALL, "--max-new-tokens", 5, "--json"]
+    base = ["--ckpt", tiny_ckpt, "--device", "cpu", "--engine", engine, "--infllm", SMALL, "--max-new-tokens", 5,
+            "--json"]
     r = cli(*base, "--prompt-file", tmp_path / "doc.txt", "--interactive",
             stdin="".join(q.removeprefix("\n") + "\n" for q in QUESTIONS))
     assert r.returncode == 0, r.stderr
@@ -112,11 +120,24 @@ def test_interactive_answers_each_question_like_a_fresh_run(tiny_ckpt, tmp_path)
 
 @pytest.fixture(scope="module")
 def snapshot(tiny_ckpt, tmp_path_factory):
+    """A document's memory saved by the reference (a CPU's default engine)."""
     path = tmp_path_factory.mktemp("snap") / "doc.mem"
     r = reader(tiny_ckpt)
     r.read(DOC)
     r.save(path)
     return path
+
+
+def test_a_snapshot_loads_only_into_the_engine_that_saved_it(tiny_ckpt, snapshot, tmp_path):
+    fast = reader(tiny_ckpt, engine="fast")
+    with pytest.raises(SnapshotError, match=r"^memory snapshot \S+ was saved by --engine reference, .*: load it "
+                                            r"with --engine reference$"):
+        fast.load(snapshot)
+    fast.read(DOC)
+    fast.save(tmp_path / "fast.mem")
+    assert read_snapshot_header(tmp_path / "fast.mem")["engine"] == "fast"
+    with pytest.raises(SnapshotError, match=r"saved by --engine fast, .*: load it with --engine fast$"):
+        reader(tiny_ckpt).load(tmp_path / "fast.mem")
 
 
 def _other_checkpoint(tiny_ckpt, tmp_path):
@@ -132,8 +153,7 @@ def _other_checkpoint(tiny_ckpt, tmp_path):
     ("other-dtype", "dtype"),
     ("other-attention", "attention"),
     ("other-settings", "settings"),
-    ("other-repr-scoring", "settings"),
-    ("other-lookup-queries", "settings"),
+    ("other-engine", "--engine reference"),
     ("truncated", "not a readable memory snapshot"),
     ("foreign", "not a memory snapshot"),
     ("garbage", "not a readable memory snapshot"),
@@ -154,8 +174,7 @@ def test_bad_snapshots_are_refused_and_left_untouched(tiny_ckpt, snapshot, tmp_p
         ckpt = _other_checkpoint(tiny_ckpt, tmp_path)
     extra = {"other-dtype": ["--dtype", "bf16"], "other-attention": ["--attention", "stream"],
              "other-settings": ["--infllm", SMALL.replace("topk=2", "topk=3")],
-             "other-repr-scoring": ["--infllm", SMALL + ",repr_scoring=best"],
-             "other-lookup-queries": ["--infllm", SMALL + ",lookup_queries=each"]}.get(case, ["--infllm", SMALL])
+             "other-engine": ["--infllm", SMALL, "--engine", "fast"]}.get(case, ["--infllm", SMALL])
     before = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
     prompt = [] if case == "no-question" else ["--prompt", "\nWhat is item3?"]
     r = cli("--ckpt", ckpt, "--device", "cpu", "--load-memory", path, *prompt, "--max-new-tokens", 2, *extra)
@@ -182,17 +201,14 @@ def _with_settings(snapshot, path, change):
 
 
 def _old(settings):
-    """settings as a snapshot made before memory_positions, repr_scoring and lookup_queries records them."""
-    return {k: v for k, v in settings.items() if k not in ("memory_positions", "repr_scoring", "lookup_queries")}
+    """settings as a snapshot made before a setting existed records them: here repr_topk, as if it were newer
+    than the snapshot (SMALL keeps its default)."""
+    return {k: v for k, v in settings.items() if k != "repr_topk"}
 
 
 def test_a_snapshot_from_before_newer_settings_loads_as_their_defaults(tiny_ckpt, snapshot, tmp_path):
     old = _with_settings(snapshot, tmp_path / "old.mem", _old)
-    assert "repr_scoring" not in read_snapshot_header(old)["settings"]
-    # The unit storage's tensors keep the names of the files saved before (MemoryUnits.saved_names).
-    data = old.read_bytes()
-    names = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).keys()
-    assert {"layer.1.units.host_k", "layer.1.units.host_v", "layer.1.units.reprs"} <= set(names)
+    assert "repr_topk" not in read_snapshot_header(old)["settings"]
     r = reader(tiny_ckpt)
     r.load(old)
     for q in QUESTIONS:
@@ -202,9 +218,8 @@ def test_a_snapshot_from_before_newer_settings_loads_as_their_defaults(tiny_ckpt
 
 
 @pytest.mark.parametrize("recorded, option", [
-    ("old", "repr_scoring=best"),  # no key: the default, mean, which this run does not use
-    ("old", "memory_positions=ordered"),
-    ("lookup_queries=each", ""),  # a recorded value still counts
+    ("old", "repr_topk=2"),  # no key: the default, 4, which this run does not use
+    ("repr_topk=3", ""),  # a recorded value still counts
 ])
 def test_a_snapshot_with_other_settings_is_refused(tiny_ckpt, snapshot, tmp_path, recorded, option):
     change = _old if recorded == "old" else lambda s: s | dict([recorded.split("=")])
@@ -240,9 +255,9 @@ def _cache_bytes(caches):
 
 
 @pytest.mark.parametrize("attention, infllm", [("infllm", SMALL), ("infllm", SMALL + ",unit_dtype=fp8"),
-                                               ("infllm", SMALL + LOOKUP), ("stream", SMALL)])
+                                               ("stream", SMALL)])
 def test_memory_plan_counts_what_the_caches_take(tiny_ckpt, attention, infllm):
-    r = reader(tiny_ckpt, attention, infllm)
+    r = reader(tiny_ckpt, attention, infllm, engine="fast")  # the plan counts the engine's buffers
     r.read(DOC, room=40)
     plan = memory_plan(r.model.args, attention, r.cfg, r.tokens + 40, torch.float32, "cpu")
     assert plan["device"] == 0 and plan["host"] == _cache_bytes(r.caches)
@@ -258,18 +273,21 @@ def test_memory_plan_counts_what_the_caches_take(tiny_ckpt, attention, infllm):
             memory_plan(r.model.args, attention, r.cfg, 2**20, torch.bfloat16, "cpu")
 
 
-def test_a_memory_too_large_is_refused_before_the_prefill(tiny_ckpt, tmp_path):
-    r = reader(tiny_ckpt)
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_a_memory_too_large_is_refused_before_the_prefill(tiny_ckpt, tmp_path, engine):
+    r = reader(tiny_ckpt, engine=engine)
     budget = memory_plan(r.model.args, "infllm", r.cfg, 8000, torch.float32, "cpu")["host"]
-    r = reader(tiny_ckpt, host_memory=budget)
+    r = reader(tiny_ckpt, host_memory=budget, engine=engine)
     doc = DOC * 30  # some 12,000 tokens: more than the budget holds
     with pytest.raises(UsageError, match="MiB of host memory .* is free"):
         r.read(doc)
-    assert r.tokens == 0 and r.caches[0].units.capacity < 100, "nothing was fed or allocated"
+    assert r.tokens == 0, "nothing was fed"
+    if engine == "fast":
+        assert r.caches[0].units.capacity < 100, "nothing was allocated"
     r.read(DOC)  # a document that fits is read
     (tmp_path / "doc.txt").write_text(doc)
-    out = cli("--ckpt", tiny_ckpt, "--device", "cpu", "--infllm", SMALL, "--prompt-file", tmp_path / "doc.txt",
-              "--host-memory", budget / 2**30, "--no-progress")
+    out = cli("--ckpt", tiny_ckpt, "--device", "cpu", "--engine", engine, "--infllm", SMALL, "--prompt-file",
+              tmp_path / "doc.txt", "--host-memory", budget / 2**30, "--no-progress")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unit_dtype=fp8" in out.stderr, out.stderr
 
 
@@ -281,8 +299,9 @@ def test_chat_document_opens_the_turn_each_question_closes(tiny_ckpt):
     head, tail = r.chat
     assert head + DOC + QUESTIONS[0] + tail == chat_prompt(tiny_ckpt, r.tok, DOC + QUESTIONS[0])
     r.read(DOC)
+    marked = r.tokens  # the memory after the document, which each question starts from
     answer = r.ask(QUESTIONS[0], 6)
     one = reader(tiny_ckpt)  # no chat: the template's text written out by hand
     one.read(head + DOC)
-    assert one.tokens == r.mark[0]["pos_d"].item()
+    assert one.tokens == marked
     assert one.answer(one.feed(one.tok.encode(QUESTIONS[0] + tail), room=6), 6) == answer

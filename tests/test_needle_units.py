@@ -1,5 +1,6 @@
 """scripts/needle_units.py: which unit holds a token, and the ranks it reads from the last lookup, against the
-float64 oracle of INFLLM.md (tests/test_infllm.py), which keeps every token's unit and every selection."""
+float64 oracle of INFLLM.md (tests/dense_infllm.py), which keeps every token's unit and every selection. The ranks
+come from the engine's caches, which keep each lookup's scores."""
 import json
 import sys
 from pathlib import Path
@@ -10,16 +11,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import engine  # noqa: E402
+from dense_infllm import DenseInfLLM  # noqa: E402
 from needle_units import head_scores, main, needle_units, ranks, unit_of  # noqa: E402
-from test_infllm import SMALL, DenseInfLLM, model64, run, tokens  # noqa: E402,F401
-
-from infllm import make_caches  # noqa: E402
+from test_infllm import SMALL, model64, run, tokens  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("kernel", ["plain", "blocked"])
 def test_units_and_ranks_agree_with_the_oracle(model64, kernel):  # noqa: F811
     prompt, dec = tokens(150, 5), tokens(5, 6)
-    caches = make_caches(model64, "infllm", SMALL, kernel=kernel)
+    caches = engine.make_caches(model64, "infllm", SMALL, kernel=kernel)
     for c in caches:
         c.units.last = {}
     oracles = [DenseInfLLM(SMALL, model64.rope.inv_freq) for _ in caches]
@@ -40,12 +41,10 @@ def test_units_and_ranks_agree_with_the_oracle(model64, kernel):  # noqa: F811
         assert sorted(u for u, r in enumerate(layer) if r <= SMALL.topk) == oracle.selections[-1]
 
 
-@pytest.mark.parametrize("scoring", ["mean", "best"])
-def test_head_scores_add_up_to_the_lookup(model64, scoring):  # noqa: F811
+def test_head_scores_add_up_to_the_lookup(model64):  # noqa: F811
     """Each head's share, summed over heads, is the score the last (one-token) lookup ranked units by."""
-    import dataclasses
-    cfg = dataclasses.replace(SMALL, repr_scoring=scoring)
-    caches = make_caches(model64, "infllm", cfg)
+    cfg = SMALL
+    caches = engine.make_caches(model64, "infllm", cfg, kernel="blocked")
     for c in caches:
         c.units.last = {}
     run(model64, caches, tokens(150, 7), cfg.chunk_size, tokens(2, 8))

@@ -84,8 +84,8 @@ def test_found_and_keys():
 @needs_ckpt
 def test_infllm_finds_the_key_beyond_training_length(tok):
     """About 12K tokens (SmolLM2 was trained on 8K), InfLLM with the defaults of INFLLM.md, fp32 on CPU."""
-    from generate import load
     from infllm import InfLLMConfig
+    from reader import load
 
     model, tok = load(CKPT, "cpu", torch.float32)
     key = passkey.trial_keys(0, 1)[0]
@@ -141,6 +141,7 @@ def test_cli_sweep_table_resume_and_plot(tiny_ckpt, tmp_path, capsys):
     (["--depths", "0.5,1.5"], "outside [0, 1]"),
     (["--infllm", "topk=x"], "needs an integer"),
     (["--trials", "0"], "at least 1"),
+    (["--engine", "reference", "--compile"], "--engine fast"),
 ])
 def test_cli_errors(tmp_path, capsys, args, words):
     assert passkey.main(["--ckpt", str(tmp_path), *args]) == 2
@@ -158,7 +159,8 @@ def test_cli_missing_checkpoint_exits_2(tmp_path):
 def test_cli_compile_gives_the_same_answers(tiny_ckpt, tmp_path):
     """--compile keeps one set of compiled caches per mode for the whole sweep, reset between trials."""
     argv = ["--ckpt", str(tiny_ckpt), "--lengths", "300,600", "--depths", "0,1", "--attention", "infllm,full",
-            "--device", "cpu", "--infllm", "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=4,exc_block_size=32,chunk_size=128"]
+            "--device", "cpu", "--infllm", "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=4,exc_block_size=32,chunk_size=128",
+            "--engine", "fast"]  # --compile is the engine's
     answers = {}
     for extra in ([], ["--compile"]):
         out = tmp_path / f"r{len(extra)}.jsonl"
