@@ -744,3 +744,23 @@ def test_two_gpus_generate_what_one_gpu_does(tiny_ckpt, attention):
     one, two = outs
     assert two["processes"] == 2 and two["text"] == one["text"] and two["new_tokens"] == 8
     assert two["unit_cache_hit_rate"] == one["unit_cache_hit_rate"]
+
+
+REAL = __import__("pathlib").Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(not (REAL / "model.safetensors").exists(), reason="run `python scripts/prepare_test_model.py` first")
+def test_both_engines_answer_the_real_32k_passkey_alike():
+    """The real SmolLM2 in bf16 on the GPU, a 32K passkey prompt (4x what it was trained on): --engine reference
+    (infllm.py, the plain forward) and --engine fast (CUDA graphs, Triton kernels) give the same greedy tokens."""
+    import sys
+    sys.path.insert(0, str(REAL.parents[1] / "scripts"))
+    from passkey import layout, prompt_text
+
+    from reader import Reader
+    answers = []
+    for engine in ("reference", "fast"):
+        r = Reader(REAL, "cuda", "bf16", engine=engine)
+        logits = r.read(prompt_text(*layout(r.tok, 32 * 1024, 0.5, 31415), 31415))
+        answers.append(r.answer(logits, 12))
+    assert answers[0] == answers[1] and "31415" in answers[0], answers
