@@ -1,5 +1,5 @@
 # Ran on nvidia-h100-x1 (NVIDIA H100 80GB HBM3), 2026-12-08 00:13-00:18 UTC, as one call on one card; outputs: issue33_*_2026-12-08_h100.*
-# Issue 33, one device call: the code before the issue (.stage33/base: branch before-33, 36a1d46, from git archive)
+# Issue 33, one device call: the code before the issue (.stage33/base: 36a1d46, from git archive)
 # and after it (this checkout), in one call on one card. Random weights throughout (the real SmolLM2 checkpoint
 # takes two calls to carry, and this session's device time allowed one).
 #  1. mistral-7b 128K steady prefill and decode (bench.py, eager GPU path: Triton kernels, CUDA graphs,
