@@ -407,25 +407,60 @@ class FixedShapeMemory:
         u = self.units
         return {"units": u.count, "lookups": int(u.lookups), "hits": int(u.hits), "misses": int(u.misses)}
 
-    STATE = ("ring_k", "ring_kr", "ring_v", "ring_score", "ring_pos", "init_k", "init_v", "pos_d", "start_d", "n_init_d")
+    # The recent tokens a snapshot holds, each from its ring buffer: in the reference's names (infllm.py), and
+    # the keys rotated at their positions beside them (recent_kr), kept rather than rotated anew on restore.
+    RECENT = {"recent_k": "ring_k", "recent_kr": "ring_kr", "recent_v": "ring_v", "recent_score": "ring_score"}
+    COUNTERS = ("pos_d", "start_d", "n_init_d")
+
+    def _recent_slots(self, start, count):
+        """The ring slots of the count recent tokens from position start (a device count), oldest first."""
+        return (start + torch.arange(count, device=self.ring_pos.device)) % self.ring
 
     def snapshot(self, storage=True):
-        """Everything that decides what this cache does next, as tensors: the window (ring), init tokens,
-        counters, and the memory units. storage=False leaves out the units' K/V and representative keys,
-        which a rewind in the same process keeps (see MemoryUnits.snapshot)."""
-        s = {name: getattr(self, name).clone() for name in self.STATE}
+        """Everything that decides what this cache does next, as tensors, and only what the sequence filled: the
+        recent tokens (window and far remainder) taken out of the ring in the order of their positions, the init
+        tokens held, the counters and the memory units. The rest of the buffers decides nothing (slots of tokens
+        that left the ring are read only under a mask that hides them; the scratch column), so a snapshot grows
+        with the sequence, not with the buffers (the ring alone holds n_local + block_size + exc_block_size tokens).
+        storage=False leaves out the units' K/V and representative keys, which a rewind in the same process
+        keeps (see MemoryUnits.snapshot). A host sync: how many tokens are held only the device knows."""
+        start, pos, held = (int(getattr(self, name)) for name in ("start_d", "pos_d", "n_init_d"))
+        slots = self._recent_slots(self.start_d, pos - start)
+        s = {name: getattr(self, ring).index_select(1, slots) for name, ring in self.RECENT.items()}  # copies
+        s |= {"init_k": self.init_k[:, :held].clone(), "init_v": self.init_v[:, :held].clone()}
+        s |= {name: getattr(self, name).clone() for name in self.COUNTERS}
         if self.use_units:
             s |= {"units." + k: v for k, v in self.units.snapshot(storage).items()}
         return s
 
     def restore(self, s):
-        """Back to a snapshot, in the same buffers (captured CUDA graphs stay valid)."""
-        for name in self.STATE:
-            t = getattr(self, name)
-            if name not in s or s[name].shape != t.shape:
-                raise ValueError(f"saved {name!r} does not fit this model and these settings")
-            t.copy_(s[name])
-        self.pos = int(self.pos_d)
+        """Back to a snapshot, in the same buffers (captured CUDA graphs stay valid): each recent token into the
+        ring slot of its position (position % ring size, as ring_write puts it), every other slot marked empty as
+        reset marks it; the init tokens into the first columns."""
+        for name in (*self.RECENT, "init_k", "init_v", *self.COUNTERS):
+            if name not in s:
+                raise ValueError(f"the snapshot lacks {name!r}")
+        start, pos, held = (int(s[name]) for name in ("start_d", "pos_d", "n_init_d"))
+        count = pos - start
+        if not 0 <= count <= self.cfg.n_local + self.cfg.block_size - 1 or not 0 <= held <= self.cfg.n_init:
+            raise ValueError(f"saved counters (pos {pos}, start {start}, init {held}) do not fit these settings")
+        Hkv, _, D = self.ring_k.shape
+        want = {"recent_k": (Hkv, count, D), "recent_kr": (Hkv, count, D), "recent_v": (Hkv, count, D),
+                "recent_score": (self.n_heads, count), "init_k": (Hkv, held, D), "init_v": (Hkv, held, D)}
+        for name, shape in want.items():
+            if tuple(s[name].shape) != shape:
+                raise ValueError(f"saved {name!r} has shape {tuple(s[name].shape)}, this model and these "
+                                 f"settings expect {shape}")
+        for name in self.COUNTERS:
+            getattr(self, name).copy_(s[name])
+        self.pos = pos
+        slots = self._recent_slots(self.start_d, count)
+        self.ring_pos.fill_(-1)
+        self.ring_pos.index_copy_(0, slots, self.start_d + torch.arange(count, device=slots.device))
+        for name, ring in self.RECENT.items():
+            buf = getattr(self, ring)
+            buf.index_copy_(1, slots, s[name].to(buf.device, buf.dtype))
+        self.init_k[:, :held], self.init_v[:, :held] = s["init_k"], s["init_v"]
         if self.use_units:
             self.units.restore({k.removeprefix("units."): v for k, v in s.items() if k.startswith("units.")})
 

@@ -191,12 +191,9 @@ def test_wavefront_prefill_equals_pieces_in_order(attention):
         assert sum(fed) == len(ids) and [c.pos for c in caches] == [len(ids) + 5] * 5
     (a, new_a, trace_a, stats_a, snap_a), (b, new_b, trace_b, stats_b, snap_b) = runs
     assert torch.equal(a, b) and new_a == new_b and trace_a == trace_b and stats_a == stats_b
-    for x, y in zip(snap_a, snap_b):  # ring slots of tokens that left the window are free: only the rest count
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x if not k.startswith("ring_"))
-        live = (x["ring_pos"] >= x["start_d"]) & (x["ring_pos"] < x["pos_d"])
-        assert torch.equal(live, (y["ring_pos"] >= y["start_d"]) & (y["ring_pos"] < y["pos_d"])) and live.sum() > 0
-        assert torch.equal(x["ring_pos"][live], y["ring_pos"][live])
-        assert all(torch.equal(x[k][:, live], y[k][:, live]) for k in ("ring_k", "ring_kr", "ring_v", "ring_score"))
+    for x, y in zip(snap_a, snap_b):  # a snapshot holds the recent tokens in position order, not the ring's slots
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        assert x["recent_k"].shape[1] == int(x["pos_d"] - x["start_d"]) > 0
     if attention == "infllm":
         assert stats_a["misses"] > 0 and any(len(t) > 5 for t in trace_a)
 
@@ -226,6 +223,43 @@ def test_a_wave_cut_short_leaves_nothing_for_the_next_prompt():
     fresh_caches = engine.make_caches(model, "infllm", SMALL, kernel="blocked")
     fresh = prefill(model, fresh_caches, second, SMALL.chunk_size, forward=FixedShapes(model, fresh_caches, graphs=False, wavefront=1))
     assert torch.equal(again, fresh)
+
+
+@pytest.mark.parametrize("attention, unit_dtype", [("infllm", "model"), ("infllm", "fp8"), ("stream", "model")])
+def test_a_snapshot_holds_what_was_filled_and_continues_the_sequence(model64, attention, unit_dtype):
+    """snapshot() mid-sequence, after the ring has wrapped around (slots are not positions): it holds the
+    recent tokens in the order of their positions and the init tokens held, the reference's own (within
+    1e-10), and nothing of the buffers beyond them. Restored into fresh caches (storage=True), or rewinding the
+    same caches after more tokens (storage=False), what follows is bit for bit what followed in the first
+    place, in buffers of the same shapes and addresses (CUDA graphs hold them)."""
+    cfg = dataclasses.replace(SMALL, unit_dtype=unit_dtype)
+    prompt, more, dec = tokens(120, 80), tokens(30, 81), tokens(6, 82)
+    caches = engine.make_caches(model64, attention, cfg)
+    run(model64, caches, prompt, cfg.chunk_size, tokens(0, 0))
+    assert caches[0].pos > caches[0].ring
+    saved = [c.snapshot() for c in caches]
+    mark = [c.snapshot(storage=False) for c in caches]
+    if unit_dtype == "model":  # the reference keeps its recent tokens oldest first, and its init tokens
+        ref = infllm.make_caches(model64, attention, cfg)
+        run(model64, ref, prompt, cfg.chunk_size, tokens(0, 0))
+        for s, r in zip(saved, (c.snapshot() for c in ref)):
+            for name in ("init_k", "init_v", "recent_k", "recent_v", "recent_score"):
+                assert s[name].shape == r[name].shape and (s[name] - r[name]).abs().max() < 1e-10, name
+    for s in saved:
+        assert s["recent_k"].shape[1] == int(s["pos_d"] - s["start_d"]) < cfg.n_local + cfg.block_size
+        assert s["init_k"].shape[1] == int(s["n_init_d"]) == cfg.n_init
+    want = run(model64, caches, more, cfg.chunk_size, dec)
+    fresh = engine.make_caches(model64, attention, cfg)
+    buffers = [(t.data_ptr(), t.shape) for c in fresh for t in (c.ring_k, c.ring_kr, c.ring_pos, c.init_k)]
+    for c, s in zip(fresh, saved):
+        c.restore(s)
+    assert [(t.data_ptr(), t.shape) for c in fresh for t in (c.ring_k, c.ring_kr, c.ring_pos, c.init_k)] == buffers
+    assert torch.equal(run(model64, fresh, more, cfg.chunk_size, dec), want)
+    for c, s in zip(caches, mark):
+        c.restore(s)
+    assert torch.equal(run(model64, caches, more, cfg.chunk_size, dec), want)
+    if attention == "infllm":
+        assert caches[0].units.count > cfg.topk
 
 
 @pytest.mark.parametrize("attention", ["infllm", "stream"])
