@@ -443,7 +443,9 @@ class Reader:
 
 # ----------------------------------------------------------------------------- snapshots of the memory
 
-SNAPSHOT_FORMAT = "infllm-memory/1"
+# /2: the engine's caches hold their recent tokens in position order, not whole ring buffers (a snapshot grows
+# with the document); a /1 file is refused with a sentence that says so.
+SNAPSHOT_FORMAT = "infllm-memory/2"
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
                        torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
@@ -487,7 +489,11 @@ def read_snapshot_header(path) -> dict:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise SnapshotError(f"{path} is not a readable memory snapshot ({str(e).rstrip('.')})") from None
-    if meta.get("format") != SNAPSHOT_FORMAT:
+    made = meta.get("format", "")
+    if made.startswith("infllm-memory/") and made != SNAPSHOT_FORMAT:
+        raise SnapshotError(f"memory snapshot {path} has format {made!r}, of another version of this program; this "
+                            f"one reads {SNAPSHOT_FORMAT!r}: read the document again and save it anew")
+    if made != SNAPSHOT_FORMAT:
         raise SnapshotError(f"{path} is not a memory snapshot of this program (no '{SNAPSHOT_FORMAT}' header)")
     return meta
 

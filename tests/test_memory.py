@@ -156,6 +156,7 @@ def _other_checkpoint(tiny_ckpt, tmp_path):
     ("other-engine", "--engine reference"),
     ("truncated", "not a readable memory snapshot"),
     ("foreign", "not a memory snapshot"),
+    ("older-format", "format 'infllm-memory/1', of another version"),
     ("garbage", "not a readable memory snapshot"),
     ("missing", "does not exist"),
     ("no-question", "give a prompt"),
@@ -168,6 +169,8 @@ def test_bad_snapshots_are_refused_and_left_untouched(tiny_ckpt, snapshot, tmp_p
         shutil.copy(tiny_ckpt / "model.safetensors", path)
     elif case == "garbage":
         path.write_bytes(b"\x00\x10" * 5000)
+    elif case == "older-format":  # the layout of version 1 differs: its header must turn it away
+        _with_meta(snapshot, path, lambda meta: meta | {"format": "infllm-memory/1"})
     elif case != "missing":
         shutil.copy(snapshot, path)
     if case == "other-checkpoint":
@@ -185,19 +188,26 @@ def test_bad_snapshots_are_refused_and_left_untouched(tiny_ckpt, snapshot, tmp_p
     assert (hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None) == before
 
 
-def _with_settings(snapshot, path, change):
-    """A copy of snapshot whose header records the settings change(settings) gives (a dict, or the text
-    itself). The header is the safetensors one: 8 bytes of length (little-endian), then JSON whose
-    "__metadata__" holds ours."""
+def _with_meta(snapshot, path, change):
+    """A copy of snapshot whose header is change(header). The header is the safetensors one: 8 bytes of length
+    (little-endian), then JSON whose "__metadata__" holds ours."""
     data = snapshot.read_bytes()
     size = int.from_bytes(data[:8], "little")
     index = json.loads(data[8:8 + size])
-    settings = change(json.loads(index["__metadata__"]["settings"]))
-    index["__metadata__"]["settings"] = settings if isinstance(settings, str) else json.dumps(settings)
+    index["__metadata__"] = change(index["__metadata__"])
     head = json.dumps(index).encode()
     head += b" " * (-len(head) % 8)  # the tensors' offsets count from the data, which stays 8-byte aligned
     path.write_bytes(len(head).to_bytes(8, "little") + head + data[8 + size:])
     return path
+
+
+def _with_settings(snapshot, path, change):
+    """A copy of snapshot whose header records the settings change(settings) gives (a dict, or the text
+    itself)."""
+    def meta(m):
+        settings = change(json.loads(m["settings"]))
+        return m | {"settings": settings if isinstance(settings, str) else json.dumps(settings)}
+    return _with_meta(snapshot, path, meta)
 
 
 def _old(settings):
