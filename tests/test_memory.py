@@ -75,6 +75,76 @@ def test_loaded_and_rewound_memory_answer_like_one_process(tiny_ckpt, tmp_path, 
             assert who.ask(q, 8) == ref
 
 
+def data_bytes(path) -> int:
+    """A snapshot's size less its header (8 bytes of length, then the JSON index of its tensors)."""
+    data = Path(path).read_bytes()
+    return len(data) - 8 - int.from_bytes(data[:8], "little")
+
+
+def buffer_shapes(r) -> dict:
+    """The shapes of the tensors layer 0's cache holds, its memory units' too (the engine's)."""
+    c = r.caches[0]
+    held = dict(vars(c))
+    if getattr(c, "units", None) is not None:
+        held |= {"units." + n: t for n, t in vars(c.units).items()}
+    return {n: tuple(t.shape) for n, t in held.items() if isinstance(t, torch.Tensor)}
+
+
+def bytes_a_token(args, attention, infllm, dtype) -> float:
+    """What one more token adds to a snapshot once the window is full, from the model's shape alone (not from
+    the caches, whose buffers the test checks): full attention keeps every token's key and value in every
+    layer; InfLLM keeps them in its memory units (fp8: one byte an element), and a unit of block_size tokens
+    adds its representative key (a vector per query head, in the model's dtype) and, with fp8, a float32 scale
+    per key-value head for its keys and another for its values; the stream cache forgets the token."""
+    e = torch.empty(0, dtype=dtype).element_size()
+    L, Hq, Hkv, D = args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim
+    kv = 2 * L * Hkv * D
+    if attention == "full":
+        return kv * e
+    if attention == "stream":
+        return 0.0
+    fp8 = "unit_dtype=fp8" in infllm
+    B = int(dict(kv.split("=") for kv in infllm.split(","))["block_size"])
+    per_unit = L * (Hq * D * e + (2 * Hkv * 4 if fp8 else 0))
+    return kv * (1 if fp8 else e) + per_unit / B
+
+
+@pytest.mark.parametrize("attention, infllm, engine", [
+    *[(a, s, e) for a, s in (("infllm", SMALL), ("stream", SMALL), ("full", "")) for e in ("reference", "fast")],
+    ("infllm", SMALL + ",unit_dtype=fp8", "fast"),
+])
+def test_a_snapshot_grows_with_the_document_not_the_buffers(tiny_ckpt, tmp_path, attention, infllm, engine):
+    """A snapshot holds what the document filled, never the buffers reserved for it: a one-token document
+    (with the default settings, whose window buffers alone hold 4,736 tokens) saves under 1 MB besides its
+    header, and loads into buffers of the shapes a fresh reader has, answering as the reader that saved it;
+    from N to 2N tokens the file grows by N times the bytes a token keeps (within 10%: units come a block at a
+    time, and the window holds between n_local and n_local + block_size - 1 tokens)."""
+    one = reader(tiny_ckpt, attention, infllm.replace(SMALL, "").strip(","), engine)
+    one.read("hi")
+    assert one.tokens == 1
+    one.save(tmp_path / "one.mem")
+    assert data_bytes(tmp_path / "one.mem") < 2**20
+    loaded = reader(tiny_ckpt, attention, infllm.replace(SMALL, "").strip(","), engine)
+    loaded.load(tmp_path / "one.mem")
+    assert buffer_shapes(loaded) == buffer_shapes(one)  # the engine's ring buffers too: fixed, 4,736 tokens
+    assert engine == "reference" or attention == "full" or buffer_shapes(loaded)["ring_k"][1] > 4096
+    assert torch.equal(ask_logits(loaded, QUESTIONS[0]), ask_logits(one, QUESTIONS[0]))
+
+    sizes = []
+    for items in (150, 300):  # some 1,000 and 2,000 tokens: far beyond SMALL's window of 64
+        r = reader(tiny_ckpt, attention, infllm, engine)
+        r.read(" ".join(f"item{i} is {i * 7 % 13}." for i in range(items)))
+        r.save(tmp_path / "doc.mem")
+        sizes.append((r.tokens, data_bytes(tmp_path / "doc.mem")))
+    (n1, s1), (n2, s2) = sizes
+    assert n1 > 900 and n2 > 1.9 * n1
+    grown, want = (s2 - s1) / (n2 - n1), bytes_a_token(r.model.args, attention, infllm, r.dtype)
+    if attention == "stream":  # bounded by the window: less than a tenth of the keys and values of a token
+        assert abs(grown) < 0.1 * bytes_a_token(r.model.args, "full", "", r.dtype)
+    else:
+        assert abs(grown - want) < 0.1 * want, (grown, want)
+
+
 @needs_ckpt
 def test_smollm2_answers_after_load_like_one_process(tmp_path):
     """The real model: a document whose answer lies in the memory units, saved and loaded by the CLI."""
