@@ -49,7 +49,7 @@ def read_prompt(args) -> str | None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="Hugging Face style checkpoint folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (with --load-memory: the question)")

@@ -289,6 +289,17 @@ def test_cli_too_short_a_length(tiny_ckpt, tmp_path, capsys):
     assert out.read_text() == ""
 
 
+@pytest.mark.parametrize("script", ["niah", "needle_units"])
+def test_help_shows_the_whole_description(script, capsys):
+    """The description is the docstring's first paragraph, whole: not its first line, which ends mid-sentence."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    first = " ".join(module.__doc__.split("\n\n")[0].split())
+    assert first.endswith(".") and first in " ".join(capsys.readouterr().out.split())
+
+
 def test_cli_missing_checkpoint_exits_2(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "niah.py"), "--ckpt", str(tmp_path / "nope")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
