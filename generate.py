@@ -25,7 +25,8 @@ import torch
 
 from model import CheckpointError
 from infllm import memory_stats
-from reader import ENGINES, GiB, Reader, SnapshotError, UsageError, peak_rss_gib
+from reader import (ENGINES, GiB, Reader, SnapshotError, UsageError, WriteInterrupted, check_output_path,
+                    peak_rss_gib, read_snapshot_header)
 from tokenizer import TokenizerError
 from tp import join_processes, leave_processes
 
@@ -84,7 +85,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args, text, world=1):
+def check_args(args, world=1):
+    """Everything the command line alone can get wrong, before the prompt is read or the model loads."""
+    if args.save_memory:  # refused now, not after a prefill of minutes
+        check_output_path(args.save_memory, "--save-memory")
     if world > 1 and (args.save_memory or args.load_memory or args.interactive):
         raise UsageError("--save-memory, --load-memory and --interactive do not run tensor parallel yet: use one process")
     if args.max_new_tokens < 0 or (args.max_new_tokens == 0 and not args.save_memory):
@@ -93,6 +97,11 @@ def check_args(args, text, world=1):
         raise UsageError("--save-memory and --load-memory go to separate runs: save a document, then load it to ask")
     if args.save_memory and args.interactive:
         raise UsageError("--save-memory and --interactive go to separate runs: save a document, then load it with --interactive")
+    if args.load_memory:
+        read_snapshot_header(args.load_memory)  # a missing file or none of ours, told before the model loads
+
+
+def check_prompt(args, text):
     if text is None and not (args.load_memory and args.interactive):
         raise UsageError("give a prompt (--prompt or --prompt-file); only --load-memory with --interactive needs none")
     if text is not None and args.load_memory and args.interactive:
@@ -151,8 +160,9 @@ def run(args, rank=0, world=1, device=None) -> dict:
     """The command line's work; prints the answer (or answers) and returns the figures of the last one.
     Tensor parallel (world processes), every process does the same work on its share of the model and
     only process 0 prints."""
+    check_args(args, world)
     text = read_prompt(args)
-    check_args(args, text, world)
+    check_prompt(args, text)
     budget = {k: None if v is None else int(v * GiB) for k, v in (("host", args.host_memory), ("gpu", args.gpu_memory))}
     r = Reader(args.ckpt, device or args.device, args.dtype, args.attention, args.infllm, args.chat, args.compile,
                args.compile_cache, progress=not (args.no_progress or args.json or rank), host_memory=budget["host"],
@@ -222,6 +232,10 @@ def main(argv=None) -> int:
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         return 2
+    except WriteInterrupted as e:  # Ctrl-C while the snapshot was written: say what became of the file
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
+        return 130  # the shell's status for a process ended by Ctrl-C
     finally:
         leave_processes()
     return 0

@@ -5,6 +5,7 @@ Two engines run the same algorithm. "reference": infllm.py's caches and the mode
 chunk, the code to read. "fast": engine/, the same results faster (fixed shapes, CUDA graphs, Triton kernels;
 tests/test_engine.py holds it to the reference). The default is fast on a GPU, the reference on a CPU.
 """
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -36,6 +37,52 @@ COMPILE_ON_GPU = False
 
 class UsageError(ValueError):
     """Bad input from the command line; the message is one sentence."""
+
+
+class WriteInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a file was being written (write_file): still a KeyboardInterrupt, with a sentence saying
+    what became of the file."""
+
+
+# ----------------------------------------------------------------------------- output files
+
+def check_output_path(path, what):
+    """Refuse, before any work, a file that could not be written at the end of it: its folder must exist and
+    be writable, and the path must not be a folder. what names the file in the sentence (an option, say)."""
+    path = Path(path)
+    folder = path.parent  # Path("x.mem").parent is Path("."): the current folder
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder: give the name of a file in it")
+    if not folder.exists():
+        raise UsageError(f"{what} {path} cannot be written: the folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"{what} {path} cannot be written: {folder} is a file, not a folder")
+    # write_file makes a new file in the folder and renames it: the folder must let us add entries
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path} cannot be written: the folder {folder} is not writable")
+
+
+def write_file(path, what, write, error=UsageError):
+    """Write a file whole or not at all: write(f) fills path + ".partial" (a binary file), which replaces path
+    only once complete, so an earlier file at path is never damaged. A write that fails part-way (a full disk,
+    Ctrl-C, any exception) removes the partial file; a failure of the disk or the file system becomes one
+    sentence (error), Ctrl-C a WriteInterrupted. Returns what write returns."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            result = write(f)
+        os.replace(tmp, path)
+    except BaseException as e:  # BaseException: Ctrl-C and SystemExit must not leave the partial file either
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        undone = f"the partial file is removed and {path} is as it was"
+        if isinstance(e, OSError):
+            raise error(f"writing {what} {path} failed part-way ({e.strerror or e}): {undone}") from None
+        if isinstance(e, KeyboardInterrupt):
+            raise WriteInterrupted(f"writing {what} {path} was interrupted: {undone}") from None
+        raise
+    return result
 
 
 def default_engine(device) -> str:
@@ -366,6 +413,7 @@ class Reader:
 
     def save(self, path) -> int:
         """Write the memory after the document to path (safetensors); returns its size in bytes."""
+        check_output_path(path, "memory snapshot")  # before the rewind: a refusal leaves the memory as it is
         if self.mark is not None:
             self.rewind()
         synced_clock(self.device)
@@ -455,7 +503,8 @@ class SnapshotError(ValueError):
 def save_memory(path, caches, header: dict):
     """Write every layer's cache (its snapshot()) to path as safetensors, with header (strings) as its
     metadata. The file is written tensor by tensor, never whole in memory (a million tokens of a 7B model
-    make 64 GiB of units), to a temporary name that replaces path once complete."""
+    make 64 GiB of units), by write_file: a failure part-way leaves no partial file and any earlier snapshot
+    at path as it was."""
     path = Path(path)
     tensors = {f"layer.{i}.{name}": t for i, c in enumerate(caches) for name, t in c.snapshot().items()}
     meta = {"format": SNAPSHOT_FORMAT, **{k: str(v) for k, v in header.items()}}
@@ -467,12 +516,13 @@ def save_memory(path, caches, header: dict):
         offset += n_bytes
     head = json.dumps(index).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(len(head).to_bytes(8, "little") + head)
         for t in tensors.values():  # the bytes of each tensor, through a view: no copy on the host
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
+
+    write_file(path, "memory snapshot", write, SnapshotError)
     return offset + 8 + len(head)
 
 
@@ -512,3 +562,4 @@ def load_memory(path, caches, expect: dict) -> dict:
             except (ValueError, KeyError, RuntimeError) as e:
                 raise SnapshotError(f"memory snapshot {path} does not fit layer {i} ({e})") from None
     return meta
+
