@@ -157,8 +157,18 @@ def prefill(model, caches, ids: list[int], chunk_size: int, progress=None, forwa
     return logits
 
 
+def check_sampling(temperature=0.0, top_k=None):
+    """Refuse sampling settings that mean nothing, before any work: a negative temperature (or NaN), fewer
+    than one token to sample from."""
+    if not temperature >= 0:  # `not >=`: NaN fails every comparison, and must fail this one
+        raise UsageError(f"temperature must be 0 (greedy) or more, not {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"top_k must be at least 1 (the number of likeliest tokens sampled from), not {top_k}")
+
+
 def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator=None) -> int:
     """Greedy at temperature 0; else sampling from the top_k (or all) tokens."""
+    check_sampling(temperature, top_k)
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
@@ -345,6 +355,7 @@ class Reader:
 
     def ask(self, question: str, max_new_tokens=128, on_text=None, **sampling) -> str:
         """Answer a question from the memory after the document; on_text(new_text) streams the answer."""
+        check_sampling(sampling.get("temperature", 0.0), sampling.get("top_k"))  # before any work
         t0 = time.perf_counter()
         self.rewind()
         logits = self.feed(self.tok.encode(question + self.chat[1]), room=max_new_tokens)
@@ -383,6 +394,7 @@ class Reader:
 
     def answer(self, logits, max_new_tokens=128, on_text=None, temperature=0.0, top_k=None, seed=None) -> str:
         """Generate from logits (of feed, read or ask); on_text(new_text) gets the text as it grows."""
+        check_sampling(temperature, top_k)
         shown = [""]
 
         def stream(out_ids):  # pass on what the new tokens add to the decoded text

@@ -171,3 +171,42 @@ def test_the_reference_refuses_what_only_the_engine_does(tiny_ckpt, capsys, monk
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert out == "" and len(lines) == 1 and lines[0].startswith("error: ") and "--engine fast" in lines[0], err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--temperature", "-0.5"], "--temperature must be 0 (greedy) or more, not -0.5"),
+    (["--temperature", "nan"], "--temperature must be 0 (greedy) or more, not nan"),
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-k", "-3", "--temperature", "0.7"], "--top-k must be at least 1"),
+])
+def test_bad_sampling_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, args, words):
+    import generate
+    import reader
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(reader, "load", loaded)
+    assert generate.main(["--ckpt", str(tmp_path), "--prompt", "hi", *args]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+
+
+def test_bad_sampling_in_python_is_one_sentence_before_any_work(tiny_ckpt, monkeypatch):
+    import reader
+    r = reader.Reader(tiny_ckpt, "cpu", "fp32", "infllm", SMALL_INFLLM, progress=False)
+    r.read("a short document")
+    fed = r.tokens
+
+    def feed(*a, **k):
+        raise AssertionError("the question was fed")
+    monkeypatch.setattr(r, "feed", feed)
+    with pytest.raises(reader.UsageError, match=r"^temperature must be 0 \(greedy\) or more, not -1$"):
+        r.ask("\nWhy?", 4, temperature=-1)
+    with pytest.raises(reader.UsageError, match=r"^top_k must be at least 1 .*, not 0$"):
+        r.ask("\nWhy?", 4, temperature=0.8, top_k=0)
+    assert r.tokens == fed
+    with pytest.raises(reader.UsageError, match="top_k must be at least 1"):
+        reader.sample(torch.zeros(10), 1.0, top_k=0)
+    with pytest.raises(ValueError, match="temperature must be"):  # UsageError is a ValueError
+        reader.sample(torch.zeros(10), float("nan"))
