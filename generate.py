@@ -115,6 +115,10 @@ def check_prompt(args, text):
 def figures(r: Reader, text: str) -> dict:
     f = r.figures
     cuda = r.device.type == "cuda"
+    # A prefill speed means something only over a prompt of at least one chunk: a shorter one (a question
+    # after a document, say) is one forward whose time is mostly fixed costs, and its tokens per second would
+    # compare with nothing. None then, as the first token's time where no token came.
+    speed = f["prompt_tokens"] >= r.cfg.chunk_size and f["prefill_s"] > 0
     return {
         "text": text,
         "prompt_tokens": f["prompt_tokens"],
@@ -123,10 +127,10 @@ def figures(r: Reader, text: str) -> dict:
         "engine": r.engine,
         "compiled": r.compiled,
         # From the process's start, compilation and loading included: what a user waits for.
-        "first_token_s": round(f["first_token_at"] - STARTED, 3),
+        "first_token_s": round(f["first_token_at"] - STARTED, 3) if f.get("new_tokens") else None,
         "wall_s": round(time.time() - STARTED, 3),
         "prefill_s": round(f["prefill_s"], 4),
-        "prefill_tok_s": round(f["prompt_tokens"] / f["prefill_s"], 2),
+        "prefill_tok_s": round(f["prompt_tokens"] / f["prefill_s"], 2) if speed else None,
         # Parts of prefill_s that a later prompt of the same size does not pay (or pays less of): reserving the
         # unit storage, and the forwards run for the first time and captured (compilation included; None
         # without CUDA graphs).
@@ -145,12 +149,14 @@ def report(args, result):
         print(json.dumps(result), flush=True)
         return
     r = result
-    print(f"[{r['prompt_tokens']} prompt tokens ({r['memory_tokens']} in memory), first token after "
-          f"{r['first_token_s']:.1f} s, whole run {r['wall_s']:.1f} s{' (compiled)' if r['compiled'] else ''}; "
-          f"prefill {r['prefill_s']:.2f} s ({r['prefill_tok_s']:.0f} tok/s"
-          + (f"; storage {r['reserve_s']:.2f} s, first runs and captures {r['warmup_s']:.2f} s"
-             if r["warmup_s"] else "")
-          + f"), {r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
+    speed = [f"{r['prefill_tok_s']:.0f} tok/s"] if r["prefill_tok_s"] is not None else []
+    if r["warmup_s"]:
+        speed.append(f"storage {r['reserve_s']:.2f} s, first runs and captures {r['warmup_s']:.2f} s")
+    print(f"[{r['prompt_tokens']} prompt tokens ({r['memory_tokens']} in memory), "
+          + (f"first token after {r['first_token_s']:.1f} s, " if r["first_token_s"] is not None else "")
+          + f"whole run {r['wall_s']:.1f} s{' (compiled)' if r['compiled'] else ''}; "
+          f"prefill {r['prefill_s']:.2f} s" + (f" ({'; '.join(speed)})" if speed else "")
+          + f", {r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
           + (f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else "")
           + (f", unit cache hit rate {r['unit_cache_hit_rate']:.1%}" if r["unit_cache_hit_rate"] is not None else "")
           + (f", units in {'GPU' if r['units_on_gpu'] else 'host'} memory" if r["units_on_gpu"] is not None else "")
