@@ -298,10 +298,11 @@ class Reader:
     A question is the document's continuation: its tokens follow the document's (no BOS), fed in the
     same pieces as in one process that read both, so the answer is the same. The memory after the
     document is kept as a mark (a snapshot without the units, which never change once made) and every
-    question starts by rewinding to it. generate.py is this class behind a command line."""
+    question starts by rewinding to it. progress: a bar on stderr while a document is read or a snapshot
+    loaded. generate.py is this class behind a command line."""
 
     def __init__(self, ckpt, device=None, dtype=None, attention="infllm", infllm="", chat=False, compile=None,
-                 compile_cache=None, progress=False, host_memory=None, gpu_memory=None, rank=0, world=1,
+                 compile_cache=None, progress=True, host_memory=None, gpu_memory=None, rank=0, world=1,
                  engine=None):
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         cuda = self.device.type == "cuda"
@@ -373,10 +374,7 @@ class Reader:
     def feed(self, ids: list[int], room=0) -> torch.Tensor:
         """Append ids to the memory (chunked prefill, the last token alone); the logits after the last."""
         self.check_memory(self.tokens + len(ids) + room)
-        progress = None
-        if self.progress and len(ids) > self.cfg.chunk_size:
-            from tqdm import tqdm
-            progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
+        progress = self.bar(len(ids), "prefill", "tok") if len(ids) > self.cfg.chunk_size else None
         t0 = synced_clock(self.device)
         for c in self.caches:  # the unit storage (the engine's: pinned host memory or GPU memory), before the first piece
             c.reserve(self.tokens + len(ids) + room)
@@ -389,8 +387,16 @@ class Reader:
                         "first_token_at": time.time(), "reserve_s": reserve_s,
                         "warmup_s": self.forward.warmup_s - warm if warm is not None else None}
         if progress is not None:
+            progress.refresh()  # drawn at its end: the last token, fed alone, came too soon to be drawn
             progress.close()
         return logits
+
+    def bar(self, total, desc, unit):
+        """A progress bar on stderr (tqdm), gone once closed; None without progress."""
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
 
     def answer(self, logits, max_new_tokens=128, on_text=None, temperature=0.0, top_k=None, seed=None) -> str:
         """Generate from logits (of feed, read or ask); on_text(new_text) gets the text as it grows."""
@@ -452,7 +458,7 @@ class Reader:
         for c in self.caches:
             c.reset()
             c.reserve(n + ROOM)  # at once, exactly: growing by a question later would copy it all
-        load_memory(path, self.caches, expect)
+        load_memory(path, self.caches, expect, lambda n: self.bar(n, "loading", "layer"))
         self.mark = [c.snapshot(storage=False) for c in self.caches]
 
     def check_memory(self, n_tokens):
@@ -554,24 +560,34 @@ def read_snapshot_header(path) -> dict:
     return meta
 
 
-def load_memory(path, caches, expect: dict) -> dict:
+def load_memory(path, caches, expect: dict, progress=None) -> dict:
     """Restore every layer's cache from a snapshot written by save_memory, after checking that each
     entry of expect matches the file's header: a snapshot of another checkpoint, dtype, attention or
-    settings would be read as nonsense. Returns the header. The file is only read."""
+    settings would be read as nonsense. Returns the header. The file is only read. progress(n_layers), once
+    the header passed: a bar (tqdm) that advances by one per layer, or None."""
     from safetensors import safe_open
     meta = read_snapshot_header(path)
     for key, want in expect.items():
         if meta.get(key) != str(want):
             raise SnapshotError(f"memory snapshot {path} was made with {key} {meta.get(key)!r}, "
                                 f"this run has {str(want)!r}")
-    with safe_open(str(path), framework="pt") as f:
-        names = set(f.keys())
-        for i, c in enumerate(caches):
-            prefix = f"layer.{i}."
-            state = {n.removeprefix(prefix): f.get_tensor(n) for n in names if n.startswith(prefix)}
-            try:
-                c.restore(state)
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise SnapshotError(f"memory snapshot {path} does not fit layer {i} ({e})") from None
+    bar = progress(len(caches)) if progress is not None else None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            for i, c in enumerate(caches):
+                prefix = f"layer.{i}."
+                state = {n.removeprefix(prefix): f.get_tensor(n) for n in names if n.startswith(prefix)}
+                try:
+                    c.restore(state)
+                except (ValueError, KeyError, RuntimeError) as e:
+                    raise SnapshotError(f"memory snapshot {path} does not fit layer {i} ({e})") from None
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.refresh()  # drawn at its end, however soon the last layer came
+    finally:
+        if bar is not None:
+            bar.close()
     return meta
 

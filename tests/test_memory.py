@@ -305,3 +305,34 @@ def test_chat_document_opens_the_turn_each_question_closes(tiny_ckpt):
     one.read(head + DOC)
     assert one.tokens == marked
     assert one.answer(one.feed(one.tok.encode(QUESTIONS[0] + tail), room=6), 6) == answer
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+
+def test_read_and_load_show_a_bar_that_ends_at_the_end(tiny_ckpt, snapshot, capsys):
+    """Reader's progress (on by default): a bar on stderr while a document is read, which ends at its last
+    token (fed alone after the chunks), and one while a snapshot loads; progress=False shows none."""
+    r = reader(tiny_ckpt)
+    r.read(DOC)
+    err = capsys.readouterr().err
+    assert "prefill" in err and f"{r.tokens}/{r.tokens}" in err, err
+    r.load(snapshot)
+    err = capsys.readouterr().err
+    n = len(r.caches)
+    assert "loading" in err and f"{n}/{n}" in err, err
+    quiet = reader(tiny_ckpt, progress=False)
+    quiet.read(DOC)
+    quiet.load(snapshot)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_cli_shows_the_loading_bar_but_not_with_json(tiny_ckpt, snapshot, capsys):
+    import generate
+    base = ["--ckpt", str(tiny_ckpt), "--device", "cpu", "--infllm", SMALL, "--load-memory", str(snapshot),
+            "--prompt", QUESTIONS[0], "--max-new-tokens", "2"]
+    assert generate.main(base) == 0
+    assert "loading" in capsys.readouterr().err
+    for quiet in (["--json"], ["--no-progress"]):
+        assert generate.main(base + quiet) == 0
+        assert "loading" not in capsys.readouterr().err
