@@ -44,7 +44,7 @@ def read_prompt(args) -> str | None:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
             raise UsageError(f"prompt file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
-    if not text.strip():
+    if not text.strip() and not args.load_memory:  # after a document, an empty question continues it
         raise UsageError("the prompt is empty")
     return text
 
@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="Hugging Face style checkpoint folder")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (with --load-memory: the question)")
+    src.add_argument("--prompt", help="prompt text (with --load-memory: the question; empty: the model "
+                     "continues the document)")
     src.add_argument("--prompt-file", help="file holding the prompt (UTF-8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)

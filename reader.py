@@ -298,8 +298,9 @@ class Reader:
     A question is the document's continuation: its tokens follow the document's (no BOS), fed in the
     same pieces as in one process that read both, so the answer is the same. The memory after the
     document is kept as a mark (a snapshot without the units, which never change once made) and every
-    question starts by rewinding to it. progress: a bar on stderr while a document is read or a snapshot
-    loaded. generate.py is this class behind a command line."""
+    question starts by rewinding to it. An empty question continues the document: its answer comes from the
+    logits after the document, kept with the mark (and in a snapshot). progress: a bar on stderr while a
+    document is read or a snapshot loaded. generate.py is this class behind a command line."""
 
     def __init__(self, ckpt, device=None, dtype=None, attention="infllm", infllm="", chat=False, compile=None,
                  compile_cache=None, progress=True, host_memory=None, gpu_memory=None, rank=0, world=1,
@@ -326,6 +327,7 @@ class Reader:
         self.budget = {"host": host_memory, "GPU": gpu_memory}  # bytes the caches may take; None: what is free
         self.reserved = 0  # tokens the caches have room for
         self.mark = None  # the memory after the document
+        self.last_logits = None  # the logits after the document: the answer to an empty question starts there
         self.figures = {}  # of the last read or question: tokens, seconds
 
     @property
@@ -348,21 +350,41 @@ class Reader:
         Returns the logits after its last token."""
         for c in self.caches:
             c.reset()
-        self.mark = None
+        self.mark = self.last_logits = None
         head, tail = self.chat
         logits = self.feed(self.tok.encode(head + document + (tail if whole_turn else ""), bos=True), room)
         self.mark = [c.snapshot(storage=False) for c in self.caches]
+        # A copy: the engine's CUDA graphs write every step's logits into the same tensor.
+        self.last_logits = logits.clone()
         return logits
 
     def ask(self, question: str, max_new_tokens=128, on_text=None, **sampling) -> str:
-        """Answer a question from the memory after the document; on_text(new_text) streams the answer."""
+        """Answer a question from the memory after the document; on_text(new_text) streams the answer.
+        An empty question continues the document (with chat, the end of the turn is still fed: the model
+        answers the document itself)."""
         check_sampling(sampling.get("temperature", 0.0), sampling.get("top_k"))  # before any work
         t0 = time.perf_counter()
         self.rewind()
-        logits = self.feed(self.tok.encode(question + self.chat[1]), room=max_new_tokens)
+        ids = self.tok.encode(question + self.chat[1])
+        logits = self.feed(ids, room=max_new_tokens) if ids else self.after_document(room=max_new_tokens)
         text = self.answer(logits, max_new_tokens, on_text, **sampling)
         self.figures["answer_s"] = time.perf_counter() - t0  # rewind, question and answer
         return text
+
+    def after_document(self, room=0) -> torch.Tensor:
+        """The logits after the document, with room for room more tokens: what an empty question is answered
+        from. (They cannot be made again: the document's last token cannot be fed twice, nor taken back.)"""
+        if self.last_logits is None:
+            raise SnapshotError("this memory snapshot does not hold the logits after its document (it was saved "
+                                "before they were kept): ask a question, or save the document again")
+        t0 = synced_clock(self.device)
+        self.check_memory(self.tokens + room)
+        for c in self.caches:
+            c.reserve(self.tokens + room)
+        # no prompt was fed: no prefill, and the first token's logits are there now
+        self.figures = {"prompt_tokens": 0, "prefill_s": 0.0, "first_token_at": time.time(),
+                        "reserve_s": synced_clock(self.device) - t0, "warmup_s": None}
+        return self.last_logits
 
     def rewind(self):
         """Back to the memory right after the document: what came since is forgotten."""
@@ -430,12 +452,14 @@ class Reader:
                 "chat": bool(self.chat[0] or self.chat[1]), "engine": self.engine}
 
     def save(self, path) -> int:
-        """Write the memory after the document to path (safetensors); returns its size in bytes."""
+        """Write the memory after the document to path (safetensors), and the logits after it (for an empty
+        question); returns its size in bytes."""
         check_output_path(path, "memory snapshot")  # before the rewind: a refusal leaves the memory as it is
         if self.mark is not None:
             self.rewind()
         synced_clock(self.device)
-        return save_memory(path, self.caches, self.header() | {"tokens": self.tokens})
+        extra = {"last_logits": self.last_logits} if self.last_logits is not None else {}
+        return save_memory(path, self.caches, self.header() | {"tokens": self.tokens}, extra)
 
     def load(self, path):
         """Read a snapshot written by save (by this or another process) as the document."""
@@ -460,6 +484,7 @@ class Reader:
             c.reserve(n + ROOM)  # at once, exactly: growing by a question later would copy it all
         load_memory(path, self.caches, expect, lambda n: self.bar(n, "loading", "layer"))
         self.mark = [c.snapshot(storage=False) for c in self.caches]
+        self.last_logits = read_extra(path, "last_logits", self.device)  # None in a snapshot from before them
 
     def check_memory(self, n_tokens):
         """Refuse, before any work, a sequence whose caches do not fit in the memory that is free. The plan
@@ -518,13 +543,14 @@ class SnapshotError(ValueError):
     """A memory snapshot that cannot be used here; the message is one sentence."""
 
 
-def save_memory(path, caches, header: dict):
+def save_memory(path, caches, header: dict, extra=None):
     """Write every layer's cache (its snapshot()) to path as safetensors, with header (strings) as its
-    metadata. The file is written tensor by tensor, never whole in memory (a million tokens of a 7B model
-    make 64 GiB of units), by write_file: a failure part-way leaves no partial file and any earlier snapshot
-    at path as it was."""
+    metadata and the tensors of extra under their own names (the Reader's last_logits). The file is written
+    tensor by tensor, never whole in memory (a million tokens of a 7B model make 64 GiB of units), by
+    write_file: a failure part-way leaves no partial file and any earlier snapshot at path as it was."""
     path = Path(path)
     tensors = {f"layer.{i}.{name}": t for i, c in enumerate(caches) for name, t in c.snapshot().items()}
+    tensors |= extra or {}
     meta = {"format": SNAPSHOT_FORMAT, **{k: str(v) for k, v in header.items()}}
     index, offset = {"__metadata__": meta}, 0
     for name, t in tensors.items():
@@ -591,3 +617,9 @@ def load_memory(path, caches, expect: dict, progress=None) -> dict:
             bar.close()
     return meta
 
+
+def read_extra(path, name, device="cpu"):
+    """A tensor save_memory wrote from its extra, on device; None if the snapshot has none of that name."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name).to(device) if name in f.keys() else None
