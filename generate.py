@@ -25,7 +25,8 @@ import torch
 
 from model import CheckpointError
 from infllm import memory_stats
-from reader import ENGINES, GiB, Reader, SnapshotError, UsageError, peak_rss_gib
+from reader import (ENGINES, GiB, Reader, SnapshotError, UsageError, WriteInterrupted, check_output_path,
+                    peak_rss_gib, read_snapshot_header)
 from tokenizer import TokenizerError
 from tp import join_processes, leave_processes
 
@@ -43,16 +44,17 @@ def read_prompt(args) -> str | None:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
             raise UsageError(f"prompt file {path} is not UTF-8 text (bad byte at offset {e.start})") from None
-    if not text.strip():
+    if not text.strip() and not args.load_memory:  # after a document, an empty question continues it
         raise UsageError("the prompt is empty")
     return text
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="Hugging Face style checkpoint folder")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (with --load-memory: the question)")
+    src.add_argument("--prompt", help="prompt text (with --load-memory: the question; empty: the model "
+                     "continues the document)")
     src.add_argument("--prompt-file", help="file holding the prompt (UTF-8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -84,7 +86,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args, text, world=1):
+def check_args(args, world=1):
+    """Everything the command line alone can get wrong, before the prompt is read or the model loads."""
+    if not args.temperature >= 0:  # `not >=`: NaN fails every comparison, and must fail this one
+        raise UsageError(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1 (the number of likeliest tokens sampled from), not {args.top_k}")
+    if args.save_memory:  # refused now, not after a prefill of minutes
+        check_output_path(args.save_memory, "--save-memory")
     if world > 1 and (args.save_memory or args.load_memory or args.interactive):
         raise UsageError("--save-memory, --load-memory and --interactive do not run tensor parallel yet: use one process")
     if args.max_new_tokens < 0 or (args.max_new_tokens == 0 and not args.save_memory):
@@ -93,6 +102,11 @@ def check_args(args, text, world=1):
         raise UsageError("--save-memory and --load-memory go to separate runs: save a document, then load it to ask")
     if args.save_memory and args.interactive:
         raise UsageError("--save-memory and --interactive go to separate runs: save a document, then load it with --interactive")
+    if args.load_memory:
+        read_snapshot_header(args.load_memory)  # a missing file or none of ours, told before the model loads
+
+
+def check_prompt(args, text):
     if text is None and not (args.load_memory and args.interactive):
         raise UsageError("give a prompt (--prompt or --prompt-file); only --load-memory with --interactive needs none")
     if text is not None and args.load_memory and args.interactive:
@@ -102,6 +116,10 @@ def check_args(args, text, world=1):
 def figures(r: Reader, text: str) -> dict:
     f = r.figures
     cuda = r.device.type == "cuda"
+    # A prefill speed means something only over a prompt of at least one chunk: a shorter one (a question
+    # after a document, say) is one forward whose time is mostly fixed costs, and its tokens per second would
+    # compare with nothing. None then, as the first token's time where no token came.
+    speed = f["prompt_tokens"] >= r.cfg.chunk_size and f["prefill_s"] > 0
     return {
         "text": text,
         "prompt_tokens": f["prompt_tokens"],
@@ -110,10 +128,10 @@ def figures(r: Reader, text: str) -> dict:
         "engine": r.engine,
         "compiled": r.compiled,
         # From the process's start, compilation and loading included: what a user waits for.
-        "first_token_s": round(f["first_token_at"] - STARTED, 3),
+        "first_token_s": round(f["first_token_at"] - STARTED, 3) if f.get("new_tokens") else None,
         "wall_s": round(time.time() - STARTED, 3),
         "prefill_s": round(f["prefill_s"], 4),
-        "prefill_tok_s": round(f["prompt_tokens"] / f["prefill_s"], 2),
+        "prefill_tok_s": round(f["prompt_tokens"] / f["prefill_s"], 2) if speed else None,
         # Parts of prefill_s that a later prompt of the same size does not pay (or pays less of): reserving the
         # unit storage, and the forwards run for the first time and captured (compilation included; None
         # without CUDA graphs).
@@ -132,12 +150,14 @@ def report(args, result):
         print(json.dumps(result), flush=True)
         return
     r = result
-    print(f"[{r['prompt_tokens']} prompt tokens ({r['memory_tokens']} in memory), first token after "
-          f"{r['first_token_s']:.1f} s, whole run {r['wall_s']:.1f} s{' (compiled)' if r['compiled'] else ''}; "
-          f"prefill {r['prefill_s']:.2f} s ({r['prefill_tok_s']:.0f} tok/s"
-          + (f"; storage {r['reserve_s']:.2f} s, first runs and captures {r['warmup_s']:.2f} s"
-             if r["warmup_s"] else "")
-          + f"), {r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
+    speed = [f"{r['prefill_tok_s']:.0f} tok/s"] if r["prefill_tok_s"] is not None else []
+    if r["warmup_s"]:
+        speed.append(f"storage {r['reserve_s']:.2f} s, first runs and captures {r['warmup_s']:.2f} s")
+    print(f"[{r['prompt_tokens']} prompt tokens ({r['memory_tokens']} in memory), "
+          + (f"first token after {r['first_token_s']:.1f} s, " if r["first_token_s"] is not None else "")
+          + f"whole run {r['wall_s']:.1f} s{' (compiled)' if r['compiled'] else ''}; "
+          f"prefill {r['prefill_s']:.2f} s" + (f" ({'; '.join(speed)})" if speed else "")
+          + f", {r['new_tokens']} new tokens at {r['decode_tok_s'] or 0:.1f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB"
           + (f", peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else "")
           + (f", unit cache hit rate {r['unit_cache_hit_rate']:.1%}" if r["unit_cache_hit_rate"] is not None else "")
           + (f", units in {'GPU' if r['units_on_gpu'] else 'host'} memory" if r["units_on_gpu"] is not None else "")
@@ -151,8 +171,9 @@ def run(args, rank=0, world=1, device=None) -> dict:
     """The command line's work; prints the answer (or answers) and returns the figures of the last one.
     Tensor parallel (world processes), every process does the same work on its share of the model and
     only process 0 prints."""
+    check_args(args, world)
     text = read_prompt(args)
-    check_args(args, text, world)
+    check_prompt(args, text)
     budget = {k: None if v is None else int(v * GiB) for k, v in (("host", args.host_memory), ("gpu", args.gpu_memory))}
     r = Reader(args.ckpt, device or args.device, args.dtype, args.attention, args.infllm, args.chat, args.compile,
                args.compile_cache, progress=not (args.no_progress or args.json or rank), host_memory=budget["host"],
@@ -222,6 +243,10 @@ def main(argv=None) -> int:
         sys.stderr.write(f"error: {e}\n")
         sys.stderr.flush()
         return 2
+    except WriteInterrupted as e:  # Ctrl-C while the snapshot was written: say what became of the file
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
+        return 130  # the shell's status for a process ended by Ctrl-C
     finally:
         leave_processes()
     return 0

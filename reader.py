@@ -5,6 +5,7 @@ Two engines run the same algorithm. "reference": infllm.py's caches and the mode
 chunk, the code to read. "fast": engine/, the same results faster (fixed shapes, CUDA graphs, Triton kernels;
 tests/test_engine.py holds it to the reference). The default is fast on a GPU, the reference on a CPU.
 """
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -36,6 +37,52 @@ COMPILE_ON_GPU = False
 
 class UsageError(ValueError):
     """Bad input from the command line; the message is one sentence."""
+
+
+class WriteInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a file was being written (write_file): still a KeyboardInterrupt, with a sentence saying
+    what became of the file."""
+
+
+# ----------------------------------------------------------------------------- output files
+
+def check_output_path(path, what):
+    """Refuse, before any work, a file that could not be written at the end of it: its folder must exist and
+    be writable, and the path must not be a folder. what names the file in the sentence (an option, say)."""
+    path = Path(path)
+    folder = path.parent  # Path("x.mem").parent is Path("."): the current folder
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder: give the name of a file in it")
+    if not folder.exists():
+        raise UsageError(f"{what} {path} cannot be written: the folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"{what} {path} cannot be written: {folder} is a file, not a folder")
+    # write_file makes a new file in the folder and renames it: the folder must let us add entries
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path} cannot be written: the folder {folder} is not writable")
+
+
+def write_file(path, what, write, error=UsageError):
+    """Write a file whole or not at all: write(f) fills path + ".partial" (a binary file), which replaces path
+    only once complete, so an earlier file at path is never damaged. A write that fails part-way (a full disk,
+    Ctrl-C, any exception) removes the partial file; a failure of the disk or the file system becomes one
+    sentence (error), Ctrl-C a WriteInterrupted. Returns what write returns."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with open(tmp, "wb") as f:
+            result = write(f)
+        os.replace(tmp, path)
+    except BaseException as e:  # BaseException: Ctrl-C and SystemExit must not leave the partial file either
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        undone = f"the partial file is removed and {path} is as it was"
+        if isinstance(e, OSError):
+            raise error(f"writing {what} {path} failed part-way ({e.strerror or e}): {undone}") from None
+        if isinstance(e, KeyboardInterrupt):
+            raise WriteInterrupted(f"writing {what} {path} was interrupted: {undone}") from None
+        raise
+    return result
 
 
 def default_engine(device) -> str:
@@ -110,8 +157,18 @@ def prefill(model, caches, ids: list[int], chunk_size: int, progress=None, forwa
     return logits
 
 
+def check_sampling(temperature=0.0, top_k=None):
+    """Refuse sampling settings that mean nothing, before any work: a negative temperature (or NaN), fewer
+    than one token to sample from."""
+    if not temperature >= 0:  # `not >=`: NaN fails every comparison, and must fail this one
+        raise UsageError(f"temperature must be 0 (greedy) or more, not {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"top_k must be at least 1 (the number of likeliest tokens sampled from), not {top_k}")
+
+
 def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator=None) -> int:
     """Greedy at temperature 0; else sampling from the top_k (or all) tokens."""
+    check_sampling(temperature, top_k)
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
@@ -241,10 +298,12 @@ class Reader:
     A question is the document's continuation: its tokens follow the document's (no BOS), fed in the
     same pieces as in one process that read both, so the answer is the same. The memory after the
     document is kept as a mark (a snapshot without the units, which never change once made) and every
-    question starts by rewinding to it. generate.py is this class behind a command line."""
+    question starts by rewinding to it. An empty question continues the document: its answer comes from the
+    logits after the document, kept with the mark (and in a snapshot). progress: a bar on stderr while a
+    document is read or a snapshot loaded. generate.py is this class behind a command line."""
 
     def __init__(self, ckpt, device=None, dtype=None, attention="infllm", infllm="", chat=False, compile=None,
-                 compile_cache=None, progress=False, host_memory=None, gpu_memory=None, rank=0, world=1,
+                 compile_cache=None, progress=True, host_memory=None, gpu_memory=None, rank=0, world=1,
                  engine=None):
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         cuda = self.device.type == "cuda"
@@ -268,6 +327,7 @@ class Reader:
         self.budget = {"host": host_memory, "GPU": gpu_memory}  # bytes the caches may take; None: what is free
         self.reserved = 0  # tokens the caches have room for
         self.mark = None  # the memory after the document
+        self.last_logits = None  # the logits after the document: the answer to an empty question starts there
         self.figures = {}  # of the last read or question: tokens, seconds
 
     @property
@@ -290,20 +350,41 @@ class Reader:
         Returns the logits after its last token."""
         for c in self.caches:
             c.reset()
-        self.mark = None
+        self.mark = self.last_logits = None
         head, tail = self.chat
         logits = self.feed(self.tok.encode(head + document + (tail if whole_turn else ""), bos=True), room)
         self.mark = [c.snapshot(storage=False) for c in self.caches]
+        # A copy: the engine's CUDA graphs write every step's logits into the same tensor.
+        self.last_logits = logits.clone()
         return logits
 
     def ask(self, question: str, max_new_tokens=128, on_text=None, **sampling) -> str:
-        """Answer a question from the memory after the document; on_text(new_text) streams the answer."""
+        """Answer a question from the memory after the document; on_text(new_text) streams the answer.
+        An empty question continues the document (with chat, the end of the turn is still fed: the model
+        answers the document itself)."""
+        check_sampling(sampling.get("temperature", 0.0), sampling.get("top_k"))  # before any work
         t0 = time.perf_counter()
         self.rewind()
-        logits = self.feed(self.tok.encode(question + self.chat[1]), room=max_new_tokens)
+        ids = self.tok.encode(question + self.chat[1])
+        logits = self.feed(ids, room=max_new_tokens) if ids else self.after_document(room=max_new_tokens)
         text = self.answer(logits, max_new_tokens, on_text, **sampling)
         self.figures["answer_s"] = time.perf_counter() - t0  # rewind, question and answer
         return text
+
+    def after_document(self, room=0) -> torch.Tensor:
+        """The logits after the document, with room for room more tokens: what an empty question is answered
+        from. (They cannot be made again: the document's last token cannot be fed twice, nor taken back.)"""
+        if self.last_logits is None:
+            raise SnapshotError("this memory snapshot does not hold the logits after its document (it was saved "
+                                "before they were kept): ask a question, or save the document again")
+        t0 = synced_clock(self.device)
+        self.check_memory(self.tokens + room)
+        for c in self.caches:
+            c.reserve(self.tokens + room)
+        # no prompt was fed: no prefill, and the first token's logits are there now
+        self.figures = {"prompt_tokens": 0, "prefill_s": 0.0, "first_token_at": time.time(),
+                        "reserve_s": synced_clock(self.device) - t0, "warmup_s": None}
+        return self.last_logits
 
     def rewind(self):
         """Back to the memory right after the document: what came since is forgotten."""
@@ -315,10 +396,7 @@ class Reader:
     def feed(self, ids: list[int], room=0) -> torch.Tensor:
         """Append ids to the memory (chunked prefill, the last token alone); the logits after the last."""
         self.check_memory(self.tokens + len(ids) + room)
-        progress = None
-        if self.progress and len(ids) > self.cfg.chunk_size:
-            from tqdm import tqdm
-            progress = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False)
+        progress = self.bar(len(ids), "prefill", "tok") if len(ids) > self.cfg.chunk_size else None
         t0 = synced_clock(self.device)
         for c in self.caches:  # the unit storage (the engine's: pinned host memory or GPU memory), before the first piece
             c.reserve(self.tokens + len(ids) + room)
@@ -331,11 +409,20 @@ class Reader:
                         "first_token_at": time.time(), "reserve_s": reserve_s,
                         "warmup_s": self.forward.warmup_s - warm if warm is not None else None}
         if progress is not None:
+            progress.refresh()  # drawn at its end: the last token, fed alone, came too soon to be drawn
             progress.close()
         return logits
 
+    def bar(self, total, desc, unit):
+        """A progress bar on stderr (tqdm), gone once closed; None without progress."""
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+
     def answer(self, logits, max_new_tokens=128, on_text=None, temperature=0.0, top_k=None, seed=None) -> str:
         """Generate from logits (of feed, read or ask); on_text(new_text) gets the text as it grows."""
+        check_sampling(temperature, top_k)
         shown = [""]
 
         def stream(out_ids):  # pass on what the new tokens add to the decoded text
@@ -365,11 +452,14 @@ class Reader:
                 "chat": bool(self.chat[0] or self.chat[1]), "engine": self.engine}
 
     def save(self, path) -> int:
-        """Write the memory after the document to path (safetensors); returns its size in bytes."""
+        """Write the memory after the document to path (safetensors), and the logits after it (for an empty
+        question); returns its size in bytes."""
+        check_output_path(path, "memory snapshot")  # before the rewind: a refusal leaves the memory as it is
         if self.mark is not None:
             self.rewind()
         synced_clock(self.device)
-        return save_memory(path, self.caches, self.header() | {"tokens": self.tokens})
+        extra = {"last_logits": self.last_logits} if self.last_logits is not None else {}
+        return save_memory(path, self.caches, self.header() | {"tokens": self.tokens}, extra)
 
     def load(self, path):
         """Read a snapshot written by save (by this or another process) as the document."""
@@ -392,8 +482,9 @@ class Reader:
         for c in self.caches:
             c.reset()
             c.reserve(n + ROOM)  # at once, exactly: growing by a question later would copy it all
-        load_memory(path, self.caches, expect)
+        load_memory(path, self.caches, expect, lambda n: self.bar(n, "loading", "layer"))
         self.mark = [c.snapshot(storage=False) for c in self.caches]
+        self.last_logits = read_extra(path, "last_logits", self.device)  # None in a snapshot from before them
 
     def check_memory(self, n_tokens):
         """Refuse, before any work, a sequence whose caches do not fit in the memory that is free. The plan
@@ -454,12 +545,14 @@ class SnapshotError(ValueError):
     """A memory snapshot that cannot be used here; the message is one sentence."""
 
 
-def save_memory(path, caches, header: dict):
+def save_memory(path, caches, header: dict, extra=None):
     """Write every layer's cache (its snapshot()) to path as safetensors, with header (strings) as its
-    metadata. The file is written tensor by tensor, never whole in memory (a million tokens of a 7B model
-    make 64 GiB of units), to a temporary name that replaces path once complete."""
+    metadata and the tensors of extra under their own names (the Reader's last_logits). The file is written
+    tensor by tensor, never whole in memory (a million tokens of a 7B model make 64 GiB of units), by
+    write_file: a failure part-way leaves no partial file and any earlier snapshot at path as it was."""
     path = Path(path)
     tensors = {f"layer.{i}.{name}": t for i, c in enumerate(caches) for name, t in c.snapshot().items()}
+    tensors |= extra or {}
     meta = {"format": SNAPSHOT_FORMAT, **{k: str(v) for k, v in header.items()}}
     index, offset = {"__metadata__": meta}, 0
     for name, t in tensors.items():
@@ -469,12 +562,13 @@ def save_memory(path, caches, header: dict):
         offset += n_bytes
     head = json.dumps(index).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(len(head).to_bytes(8, "little") + head)
         for t in tensors.values():  # the bytes of each tensor, through a view: no copy on the host
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
+
+    write_file(path, "memory snapshot", write, SnapshotError)
     return offset + 8 + len(head)
 
 
@@ -498,23 +592,40 @@ def read_snapshot_header(path) -> dict:
     return meta
 
 
-def load_memory(path, caches, expect: dict) -> dict:
+def load_memory(path, caches, expect: dict, progress=None) -> dict:
     """Restore every layer's cache from a snapshot written by save_memory, after checking that each
     entry of expect matches the file's header: a snapshot of another checkpoint, dtype, attention or
-    settings would be read as nonsense. Returns the header. The file is only read."""
+    settings would be read as nonsense. Returns the header. The file is only read. progress(n_layers), once
+    the header passed: a bar (tqdm) that advances by one per layer, or None."""
     from safetensors import safe_open
     meta = read_snapshot_header(path)
     for key, want in expect.items():
         if meta.get(key) != str(want):
             raise SnapshotError(f"memory snapshot {path} was made with {key} {meta.get(key)!r}, "
                                 f"this run has {str(want)!r}")
-    with safe_open(str(path), framework="pt") as f:
-        names = set(f.keys())
-        for i, c in enumerate(caches):
-            prefix = f"layer.{i}."
-            state = {n.removeprefix(prefix): f.get_tensor(n) for n in names if n.startswith(prefix)}
-            try:
-                c.restore(state)
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise SnapshotError(f"memory snapshot {path} does not fit layer {i} ({e})") from None
+    bar = progress(len(caches)) if progress is not None else None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            for i, c in enumerate(caches):
+                prefix = f"layer.{i}."
+                state = {n.removeprefix(prefix): f.get_tensor(n) for n in names if n.startswith(prefix)}
+                try:
+                    c.restore(state)
+                except (ValueError, KeyError, RuntimeError) as e:
+                    raise SnapshotError(f"memory snapshot {path} does not fit layer {i} ({e})") from None
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.refresh()  # drawn at its end, however soon the last layer came
+    finally:
+        if bar is not None:
+            bar.close()
     return meta
+
+
+def read_extra(path, name, device="cpu"):
+    """A tensor save_memory wrote from its extra, on device; None if the snapshot has none of that name."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name).to(device) if name in f.keys() else None

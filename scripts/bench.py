@@ -91,7 +91,7 @@ def measure(model, caches, forward, chunk, length, n_decode, device, seed):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=list(SHAPES), default="smollm2-135m")
     p.add_argument("--lengths", default="32K")
     p.add_argument("--decode", type=int, default=64)

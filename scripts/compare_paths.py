@@ -26,7 +26,7 @@ from reader import decode, load, pick_device, plain_forward, prefill  # noqa: E4
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--length", default="32K")
     p.add_argument("--depth", type=float, default=0.5)

@@ -314,7 +314,7 @@ def convert(gguf_path, out, dtype="fp32"):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("gguf", help="path of the .gguf file")
     ap.add_argument("out", help="output folder")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of model.safetensors")

@@ -60,7 +60,7 @@ def download(repo_id, out, revision=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("repo_id", help="e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     ap.add_argument("--out", help="target folder (default: checkpoints/<repo name>)")
     ap.add_argument("--revision", help="branch, tag or commit")

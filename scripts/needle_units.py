@@ -125,7 +125,7 @@ def report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--task", default="single", choices=["single", "multikey"])
     p.add_argument("--haystack", default="prose", choices=list(HAYSTACKS))

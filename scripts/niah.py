@@ -299,7 +299,7 @@ def build_prompt(parts: Parts, hay: Haystack, s: Sample, length: int, depth: flo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="Hugging Face style checkpoint folder")
     p.add_argument("--tasks", default="single,multikey,multivalue,multiquery", help=f"among {', '.join(TASKS)}")
     p.add_argument("--haystacks", default="prose", help=f"among {', '.join(HAYSTACKS)}")

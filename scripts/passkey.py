@@ -113,7 +113,7 @@ def found(answer: str, key) -> bool:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="Hugging Face style checkpoint folder")
     p.add_argument("--lengths", default="4K,8K,16K,32K", help="prompt lengths in tokens (K = 1024)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key sits: 0 start, 1 end")

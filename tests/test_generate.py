@@ -1,5 +1,6 @@
 """generate.py end to end: the real SmolLM2 checkpoint against transformers, and the CLI's errors."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,9 @@ def test_greedy_full_attention_equals_transformers():
     assert ours["prompt_tokens"] == len(ids)
     assert ours["text"] == tok.decode(ref)
     assert ours["new_tokens"] == len(ref) and len(ref) > 5
-    for key in ("prefill_s", "prefill_tok_s", "peak_rss_gib"):
+    for key in ("prefill_s", "peak_rss_gib"):
         assert ours[key] > 0
+    assert ours["prefill_tok_s"] is None  # a prompt shorter than one chunk: no prefill speed
     assert 0 <= ours["reserve_s"] < ours["prefill_s"]
     assert ours["peak_gpu_gib"] is None and ours["warmup_s"] is None  # no CUDA graphs on a CPU
 
@@ -171,3 +173,66 @@ def test_the_reference_refuses_what_only_the_engine_does(tiny_ckpt, capsys, monk
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert out == "" and len(lines) == 1 and lines[0].startswith("error: ") and "--engine fast" in lines[0], err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--temperature", "-0.5"], "--temperature must be 0 (greedy) or more, not -0.5"),
+    (["--temperature", "nan"], "--temperature must be 0 (greedy) or more, not nan"),
+    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-k", "-3", "--temperature", "0.7"], "--top-k must be at least 1"),
+])
+def test_bad_sampling_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, args, words):
+    import generate
+    import reader
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(reader, "load", loaded)
+    assert generate.main(["--ckpt", str(tmp_path), "--prompt", "hi", *args]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], err
+
+
+def test_bad_sampling_in_python_is_one_sentence_before_any_work(tiny_ckpt, monkeypatch):
+    import reader
+    r = reader.Reader(tiny_ckpt, "cpu", "fp32", "infllm", SMALL_INFLLM, progress=False)
+    r.read("a short document")
+    fed = r.tokens
+
+    def feed(*a, **k):
+        raise AssertionError("the question was fed")
+    monkeypatch.setattr(r, "feed", feed)
+    with pytest.raises(reader.UsageError, match=r"^temperature must be 0 \(greedy\) or more, not -1$"):
+        r.ask("\nWhy?", 4, temperature=-1)
+    with pytest.raises(reader.UsageError, match=r"^top_k must be at least 1 .*, not 0$"):
+        r.ask("\nWhy?", 4, temperature=0.8, top_k=0)
+    assert r.tokens == fed
+    with pytest.raises(reader.UsageError, match="top_k must be at least 1"):
+        reader.sample(torch.zeros(10), 1.0, top_k=0)
+    with pytest.raises(ValueError, match="temperature must be"):  # UsageError is a ValueError
+        reader.sample(torch.zeros(10), float("nan"))
+
+
+def test_the_report_gives_the_figures_that_mean_something(tiny_ckpt, tmp_path, capsys):
+    """No first token's time where no token came (--max-new-tokens 0), no prefill speed for a prompt shorter
+    than one chunk (a question), in the text report and in --json (null)."""
+    import generate
+    doc = " ".join(f"word{i}" for i in range(200))  # more than one chunk of SMALL_INFLLM's 128 tokens
+    base = ["--ckpt", str(tiny_ckpt), "--device", "cpu", "--infllm", SMALL_INFLLM]
+    save = base + ["--prompt", doc, "--save-memory", str(tmp_path / "doc.mem"), "--max-new-tokens"]
+    ask = base + ["--load-memory", str(tmp_path / "doc.mem"), "--prompt", " word7", "--max-new-tokens", "2"]
+    runs = {}
+    for name, argv in (("read", save + ["0"]), ("read and answer", save + ["2"]), ("ask", ask)):
+        assert generate.main(argv + ["--json"]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+        assert generate.main(argv + ["--no-progress"]) == 0
+        runs[name]["report"] = capsys.readouterr().err
+    read, both, ask = runs["read"], runs["read and answer"], runs["ask"]
+    assert read["new_tokens"] == 0 and read["first_token_s"] is None
+    assert "first token after" not in read["report"]
+    assert both["new_tokens"] == 2 and both["first_token_s"] > 0 and "first token after" in both["report"]
+    assert read["prompt_tokens"] > 128 and read["prefill_tok_s"] > 0
+    assert re.search(r"prefill \d+\.\d\d s \(\d+ tok/s\)", read["report"]), read["report"]
+    assert 0 < ask["prompt_tokens"] < 128 and ask["prefill_tok_s"] is None
+    assert re.search(r"prefill \d+\.\d\d s, 2 new tokens", ask["report"]), ask["report"]

@@ -385,3 +385,102 @@ def test_chat_document_opens_the_turn_each_question_closes(tiny_ckpt):
     one.read(head + DOC)
     assert one.tokens == marked
     assert one.answer(one.feed(one.tok.encode(QUESTIONS[0] + tail), room=6), 6) == answer
+
+
+# ------------------------------------------------------------------------------------------ an empty question
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_an_empty_question_continues_the_document(tiny_ckpt, tmp_path, monkeypatch, engine):
+    """ask("") answers from the logits after the document: the tokens greedy (and seeded sampling) decoding
+    gives straight after reading it, in one process; the same after another question, and after save and load."""
+    import reader as reader_module
+    decoded = []
+    real = reader_module.decode
+    monkeypatch.setattr(reader_module, "decode", lambda *a, **k: decoded.append(real(*a, **k)) or decoded[-1])
+
+    def straight(**sampling):  # the oracle: read, decode from the logits the prefill gave
+        one = reader(tiny_ckpt, engine=engine, progress=False)
+        one.answer(one.read(DOC), 8, **sampling)
+        return decoded.pop(), one.tokens
+
+    r = reader(tiny_ckpt, engine=engine, progress=False)
+    r.read(DOC)
+    r.save(tmp_path / "doc.mem")
+    loaded = reader(tiny_ckpt, engine=engine, progress=False)
+    loaded.load(tmp_path / "doc.mem")
+    for sampling in ({}, {"temperature": 1.0, "top_k": 100, "seed": 5}):
+        want, tokens = straight(**sampling)
+        assert len(want) == 8
+        for who in (r, loaded):
+            who.ask("", 8, **sampling)
+            assert decoded.pop() == want and who.tokens == tokens and who.figures["prompt_tokens"] == 0
+            who.ask(QUESTIONS[0], 3)  # a question between: the next empty one starts from the document again
+            decoded.pop()
+            who.ask("", 8, **sampling)
+            assert decoded.pop() == want
+    assert len(set(want)) > 1, "the sampled tokens tell logits apart (greedy on random weights repeats one)"
+
+
+def test_a_snapshot_without_the_last_logits_refuses_only_an_empty_question(tiny_ckpt, tmp_path):
+    """A snapshot saved before the logits after the document were kept: questions as ever, and one sentence
+    for an empty question."""
+    from reader import save_memory
+    r = reader(tiny_ckpt, progress=False)
+    r.read(DOC)
+    r.rewind()
+    save_memory(tmp_path / "old.mem", r.caches, r.header() | {"tokens": r.tokens})  # the layers alone
+    old = reader(tiny_ckpt, progress=False)
+    old.load(tmp_path / "old.mem")
+    assert old.last_logits is None and old.ask(QUESTIONS[0], 4) == r.ask(QUESTIONS[0], 4)
+    with pytest.raises(SnapshotError, match=r"^this memory snapshot does not hold the logits after its document "
+                                            r"\(.*\): ask a question, or save the document again$"):
+        old.ask("", 4)
+
+
+def test_the_cli_answers_an_empty_question_after_load_memory(tiny_ckpt, tmp_path, capsys):
+    import generate
+    base = ["--ckpt", str(tiny_ckpt), "--device", "cpu", "--infllm", SMALL, "--json"]
+    (tmp_path / "doc.txt").write_text(DOC)
+    assert generate.main(base + ["--prompt-file", str(tmp_path / "doc.txt"), "--save-memory",
+                                 str(tmp_path / "doc.mem"), "--max-new-tokens", "0"]) == 0
+    (tmp_path / "empty.txt").write_text("")
+    for prompt in (["--prompt", ""], ["--prompt-file", str(tmp_path / "empty.txt")]):
+        capsys.readouterr()
+        assert generate.main(base + ["--load-memory", str(tmp_path / "doc.mem"), *prompt,
+                                     "--max-new-tokens", "5", "--temperature", "1", "--seed", "3"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        one = reader(tiny_ckpt, progress=False)
+        assert out["text"] == one.answer(one.read(DOC), 5, temperature=1.0, seed=3)
+        assert out["prompt_tokens"] == 0 and out["new_tokens"] == 5 and out["prefill_tok_s"] is None
+
+
+# ------------------------------------------------------------------------------------------ progress
+
+
+def test_read_and_load_show_a_bar_that_ends_at_the_end(tiny_ckpt, snapshot, capsys):
+    """Reader's progress (on by default): a bar on stderr while a document is read, which ends at its last
+    token (fed alone after the chunks), and one while a snapshot loads; progress=False shows none."""
+    r = reader(tiny_ckpt)
+    r.read(DOC)
+    err = capsys.readouterr().err
+    assert "prefill" in err and f"{r.tokens}/{r.tokens}" in err, err
+    r.load(snapshot)
+    err = capsys.readouterr().err
+    n = len(r.caches)
+    assert "loading" in err and f"{n}/{n}" in err, err
+    quiet = reader(tiny_ckpt, progress=False)
+    quiet.read(DOC)
+    quiet.load(snapshot)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_cli_shows_the_loading_bar_but_not_with_json(tiny_ckpt, snapshot, capsys):
+    import generate
+    base = ["--ckpt", str(tiny_ckpt), "--device", "cpu", "--infllm", SMALL, "--load-memory", str(snapshot),
+            "--prompt", QUESTIONS[0], "--max-new-tokens", "2"]
+    assert generate.main(base) == 0
+    assert "loading" in capsys.readouterr().err
+    for quiet in (["--json"], ["--no-progress"]):
+        assert generate.main(base + quiet) == 0
+        assert "loading" not in capsys.readouterr().err

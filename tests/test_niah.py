@@ -197,6 +197,7 @@ def test_real_model_end_to_end(tmp_path, capsys):
 
 def test_cli_sweep_table_resume_and_plot(tiny_ckpt, tmp_path, capsys):
     out, table = tmp_path / "r.jsonl", tmp_path / "docs" / "quality.md"
+    table.parent.mkdir()  # an output's folder must exist (tests/test_outputs.py)
     argv = ["--ckpt", str(tiny_ckpt), "--tasks", "single,multiquery", "--haystacks", "repeat,prose", "--lengths", "400,1K",
             "--depths", "0,1", "--samples", "2", "--attention", "infllm,full", "--full-max-length", "512",
             "--max-new-tokens", "4", "--device", "cpu",
@@ -286,7 +287,18 @@ def test_cli_too_short_a_length(tiny_ckpt, tmp_path, capsys):
                       "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(r"error: length 90 is too short: the prompts need at least \d+ tokens\n", err)
-    assert out.read_text() == ""
+    assert not out.exists()  # opened with the first trial: an earlier --out would be left as it was
+
+
+@pytest.mark.parametrize("script", ["niah", "needle_units"])
+def test_help_shows_the_whole_description(script, capsys):
+    """The description is the docstring's first paragraph, whole: not its first line, which ends mid-sentence."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    first = " ".join(module.__doc__.split("\n\n")[0].split())
+    assert first.endswith(".") and first in " ".join(capsys.readouterr().out.split())
 
 
 def test_cli_missing_checkpoint_exits_2(tmp_path):

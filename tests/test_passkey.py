@@ -101,6 +101,7 @@ def test_infllm_finds_the_key_beyond_training_length(tok):
 
 def test_cli_sweep_table_resume_and_plot(tiny_ckpt, tmp_path, capsys):
     out, table = tmp_path / "r.jsonl", tmp_path / "docs" / "passkey.md"
+    table.parent.mkdir()  # an output's folder must exist (tests/test_outputs.py)
     argv = ["--ckpt", str(tiny_ckpt), "--lengths", "300,1K", "--depths", "0,1", "--depths-stream", "0.5",
             "--trials", "2", "--attention", "infllm,stream,full", "--full-max-length", "512", "--device", "cpu",
             "--infllm", "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=4,exc_block_size=32,chunk_size=128",
