@@ -763,4 +763,5 @@ def test_both_engines_answer_the_real_32k_passkey_alike():
         r = Reader(REAL, "cuda", "bf16", engine=engine)
         logits = r.read(prompt_text(*layout(r.tok, 32 * 1024, 0.5, 31415), 31415))
         answers.append(r.answer(logits, 12))
+    print("answers (reference, fast):", answers)  # shown with pytest -s: the record of a GPU run
     assert answers[0] == answers[1] and "31415" in answers[0], answers
