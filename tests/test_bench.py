@@ -1,4 +1,5 @@
 """scripts/bench.py on a CPU with a small shape: the CI smoke test of the benchmark's plumbing."""
+import functools
 import json
 import subprocess
 import sys
@@ -56,3 +57,41 @@ def test_bench_profile_prints_the_prefill_tail_and_decoding(capsys):
     assert "== prefill of the last 300 tokens ==" in out and "== 16 decoding steps ==" in out
     assert out.count("aten::matmul") >= 2  # the projections: a row in each table
     assert caches[0].pos == 700 + 16 - 1  # head, tail, then 16 steps (the first from the tail's logits)
+
+
+def kernel_rows(piece, step, warm_s):
+    """Rows of scripts/kernel_bench.py for one kernel: (kernel ms, compiled spec ms) a piece and a step."""
+    return [{"step": phase, "kernel_graph_ms": k, "kernel_eager_ms": 9.0, "spec_graph_ms": s, "spec_eager_ms": 9.0,
+             "spec_warm_s": warm_s / 2} for phase, (k, s) in (("piece", piece), ("step", step))]
+
+
+def test_kernel_bench_verdicts_follow_issue_34s_rule():
+    """A kernel stays where it is 1.2x its compiled spec on a piece or a step, or where the spec's compile costs a
+    fresh process more than the spec saves it; else it goes. (256 pieces and 128 steps through 32 layers.)"""
+    import kernel_bench
+    verdict = functools.partial(kernel_bench.verdict, n_layers=32, pieces=256, steps=128)
+    why, saved, _ = verdict(kernel_rows((1.0, 1.1), (0.010, 0.013), warm_s=0.5))  # 1.3x on a step
+    assert why.startswith("stays: 1.30x") and saved > 0
+    why, saved, _ = verdict(kernel_rows((1.0, 1.1), (0.010, 0.011), warm_s=0.5))  # 1.1x: the spec is slower
+    assert why.startswith("stays: 1.10x") and "save it 0.00 s" in why
+    why, saved, _ = verdict(kernel_rows((1.0, 0.9), (0.010, 0.010), warm_s=0.5))  # the spec saves 0.82 s > 0.5 s
+    assert why.startswith("goes") and abs(saved + 0.8192) < 1e-9
+    why, _, compile_s = verdict(kernel_rows((1.0, 0.9), (0.010, 0.010), warm_s=2.0))  # ... < 2 s of compiling
+    assert why.startswith("stays") and compile_s == 2.0
+
+
+def test_kernel_bench_records_and_times_on_a_cpu(tmp_path, capsys):
+    """scripts/kernel_bench.py's plumbing on a CPU (the specs stand in for the Triton kernels): the calls of a
+    piece and a decoding step are recorded from a real run, each replayed from its recorded state and timed beside
+    its compiled spec; the table has a row a kernel and step. (tests/test_gpu.py runs it with the kernels.)"""
+    import kernel_bench
+    out = tmp_path / "kernels.jsonl"
+    kernel_bench.main(["--shape", "tiny", "--tokens", "5K", "--layers", "1", "--reps", "2",
+                       "--only", "select_top,retire", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["kernel"], r["step"]) for r in rows} == {(k, s) for k in ("select_top", "retire")
+                                                        for s in ("piece", "step")}
+    assert all(r["kernel_eager_ms"] > 0 and r["spec_eager_ms"] > 0 and r["spec_cold_s"] > 0 and
+               r["kernel_graph_ms"] is None for r in rows)
+    table = capsys.readouterr().out
+    assert table.count("| select_top |") == 2 and table.count("| retire |") == 2 and "gather_from_host" in table

@@ -765,3 +765,20 @@ def test_both_engines_answer_the_real_32k_passkey_alike():
         answers.append(r.answer(logits, 12))
     print("answers (reference, fast):", answers)  # shown with pytest -s: the record of a GPU run
     assert answers[0] == answers[1] and "31415" in answers[0], answers
+
+
+def test_kernel_bench_times_kernels_against_their_compiled_specs(tmp_path):
+    """scripts/kernel_bench.py on a tiny shape: every recorded kernel, a piece and a decoding step, timed beside
+    its compiled specification, with a verdict."""
+    import json
+    import sys
+    sys.path.insert(0, str(REAL.parents[1] / "scripts"))
+    import kernel_bench
+    out = tmp_path / "kernels.jsonl"
+    names = ("rms_norm", "ring_write", "select_top")
+    kernel_bench.main(["--shape", "tiny", "--tokens", "6K", "--layers", "1", "--reps", "3", "--only", ",".join(names),
+                       "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["kernel"], r["step"]) for r in rows} == {(n, s) for n in names for s in ("piece", "step")}
+    assert all(r["kernel_eager_ms"] > 0 and r["spec_eager_ms"] > 0 and r["spec_cold_s"] > 0 for r in rows)
+    assert all(r["verdict"].startswith(("stays", "goes")) for r in rows)
