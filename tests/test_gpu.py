@@ -700,9 +700,11 @@ def test_units_on_the_gpu_that_do_not_fit_are_refused_with_the_other_storage_nam
     assert torch.equal(again.feed(q, room=4), host.feed(q, room=4))
 
 
-@pytest.mark.parametrize("infllm", ["", ",unit_dtype=fp8"])
+@pytest.mark.parametrize("infllm", [f"{dtype},unit_storage={where}" for dtype in ("", ",unit_dtype=fp8")
+                                    for where in ("host", "device")])
 def test_snapshot_on_the_gpu_answers_like_one_process(tiny_ckpt, tmp_path, infllm):
-    """Read, save, load in another reader, ask: CUDA graphs replayed over restored buffers."""
+    """Read, save, load in another reader, ask: CUDA graphs replayed over restored buffers, units in pinned host
+    memory or in GPU memory, in the model's dtype or fp8."""
     from reader import Reader
     knobs = "n_init=8,n_local=64,block_size=16,topk=2,max_cached_block=3,exc_block_size=32,chunk_size=96" + infllm
     doc = " ".join(f"item{i} is {i * 7 % 13}." for i in range(90))
