@@ -26,7 +26,7 @@ import torch
 from model import CheckpointError
 from infllm import memory_stats
 from reader import (ENGINES, GiB, Reader, SnapshotError, UsageError, WriteInterrupted, check_output_path,
-                    peak_rss_gib, read_snapshot_header)
+                    check_sampling, peak_rss_gib, read_snapshot_header)
 from tokenizer import TokenizerError
 from tp import join_processes, leave_processes
 
@@ -88,10 +88,7 @@ def parse_args(argv=None):
 
 def check_args(args, world=1):
     """Everything the command line alone can get wrong, before the prompt is read or the model loads."""
-    if not args.temperature >= 0:  # `not >=`: NaN fails every comparison, and must fail this one
-        raise UsageError(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top-k must be at least 1 (the number of likeliest tokens sampled from), not {args.top_k}")
+    check_sampling(args.temperature, args.top_k, names=("--temperature", "--top-k"))
     if args.save_memory:  # refused now, not after a prefill of minutes
         check_output_path(args.save_memory, "--save-memory")
     if world > 1 and (args.save_memory or args.load_memory or args.interactive):

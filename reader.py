@@ -157,13 +157,13 @@ def prefill(model, caches, ids: list[int], chunk_size: int, progress=None, forwa
     return logits
 
 
-def check_sampling(temperature=0.0, top_k=None):
+def check_sampling(temperature=0.0, top_k=None, names=("temperature", "top_k")):
     """Refuse sampling settings that mean nothing, before any work: a negative temperature (or NaN), fewer
-    than one token to sample from."""
+    than one token to sample from. names: what the sentence calls the two (the command line's options)."""
     if not temperature >= 0:  # `not >=`: NaN fails every comparison, and must fail this one
-        raise UsageError(f"temperature must be 0 (greedy) or more, not {temperature}")
+        raise UsageError(f"{names[0]} must be 0 (greedy) or more, not {temperature}")
     if top_k is not None and top_k < 1:
-        raise UsageError(f"top_k must be at least 1 (the number of likeliest tokens sampled from), not {top_k}")
+        raise UsageError(f"{names[1]} must be at least 1 (the number of likeliest tokens sampled from), not {top_k}")
 
 
 def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator=None) -> int:
