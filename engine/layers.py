@@ -14,6 +14,8 @@ test_residual_norm_and_silu_product_on_the_gpu_equal_pytorchs).
 """
 import torch
 
+import model as model_lib
+
 try:
     import triton
     import triton.language as tl
@@ -53,9 +55,9 @@ def rotate(x, cos, sin):
 
 
 def rotate_spec(x, cos, sin):
-    """x [..., T, D] rotated by cos and sin [T, D] (Hugging Face's half-split layout): model.Rotary.forward."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """x [..., T, D] rotated by cos and sin [T, D] (Hugging Face's half-split layout): model.Rotary.forward itself,
+    which reads nothing of its module when given the angles."""
+    return model_lib.Rotary.forward(None, x, angles=(cos, sin))
 
 
 def rms_norm(x, weight, eps, add=None):
